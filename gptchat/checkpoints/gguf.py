@@ -1,0 +1,150 @@
+"""GGUF files (llama.cpp's format): metadata -> GPTConfig, tensors -> our state dict, tokenizer and template.
+
+Quantized tensors are dequantized to float32 with the `gguf` package. llama.cpp stores the q/k
+projections of Llama models permuted for its interleaved RoPE; we undo that so our rotate-half RoPE
+(the Hugging Face convention) computes exactly the same thing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import ModelLoadError
+from ..model import GPTConfig
+
+GGUF_ARCHS = {"llama": "llama", "gpt2": "gpt2"}
+
+# GGUF tensor name (after "blk.N.") -> our name (after "blocks.N.")
+BLOCK_NAMES = {
+    "attn_norm": "attn_norm",
+    "attn_q": "attn.wq",
+    "attn_k": "attn.wk",
+    "attn_v": "attn.wv",
+    "attn_output": "attn.wo",
+    "ffn_norm": "mlp_norm",
+    "ffn_gate": "mlp.w_gate",
+    "ffn_up": "mlp.w_up",
+    "ffn_down": "mlp.w_down",
+}
+TOP_NAMES = {"token_embd": "tok_emb", "position_embd": "pos_emb", "output_norm": "norm", "output": "lm_head"}
+
+
+def open_reader(path: str):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the gguf package raises assorted errors for damaged files
+        raise ModelLoadError(f"{path}: not a readable GGUF file ({e})") from None
+
+
+def field_value(reader, name: str, default=None):
+    field = reader.fields.get(name)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def read_config(reader, path: str) -> GPTConfig:
+    arch = field_value(reader, "general.architecture")
+    if arch not in GGUF_ARCHS:
+        raise ModelLoadError(f"{path}: GGUF architecture {arch!r} is not supported (supported: llama, gpt2)")
+
+    def get(key, default=None):
+        value = field_value(reader, f"{arch}.{key}", default)
+        if value is None:
+            raise ModelLoadError(f"{path}: GGUF metadata lacks {arch}.{key}")
+        return value
+
+    n_head = int(get("attention.head_count"))
+    n_embd = int(get("embedding_length"))
+    tensor_names = {t.name for t in reader.tensors}
+    vocab = field_value(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    eps_key = "attention.layer_norm_rms_epsilon" if arch == "llama" else "attention.layer_norm_epsilon"
+    return GPTConfig(
+        arch=GGUF_ARCHS[arch],
+        vocab_size=int(vocab),
+        n_layer=int(get("block_count")),
+        n_head=n_head,
+        n_kv_head=int(get("attention.head_count_kv", n_head)),
+        n_embd=n_embd,
+        head_dim=int(get("attention.key_length", n_embd // n_head)),
+        n_inner=int(get("feed_forward_length")),
+        max_seq_len=int(get("context_length")),
+        norm_eps=float(get(eps_key)),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        tie_embeddings="output.weight" not in tensor_names,
+    )
+
+
+def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (interleaved -> rotate-half RoPE), per head."""
+    rows = w.shape[0]
+    rest = w.shape[1:]
+    return w.reshape(n_head, rows // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
+
+
+def our_name(gguf_name: str) -> str | None:
+    base, _, suffix = gguf_name.rpartition(".")  # suffix: weight / bias
+    if base.startswith("blk."):
+        _, layer, part = base.split(".", 2)
+        mapped = BLOCK_NAMES.get(part)
+        return f"blocks.{layer}.{mapped}.{suffix}" if mapped else None
+    mapped = TOP_NAMES.get(base)
+    return f"{mapped}.{suffix}" if mapped else None
+
+
+def tensor_types(reader) -> dict[str, int]:
+    """How many tensors of each type: 'Q4_1' -> 210, ... (what `gptchat info` shows)."""
+    counts: dict[str, int] = {}
+    for t in reader.tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return counts
+
+
+def read_state_dict(reader, config: GPTConfig, path: str) -> dict[str, torch.Tensor]:
+    from gguf.quants import dequantize
+
+    state = {}
+    for t in reader.tensors:
+        try:
+            w = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise ModelLoadError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which cannot be dequantized") from None
+        w = np.asarray(w, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
+        if t.name.endswith("attn_qkv.weight") or t.name.endswith("attn_qkv.bias"):  # GPT-2: fused q, k, v
+            layer = t.name.split(".")[1]
+            suffix = t.name.rsplit(".", 1)[1]
+            q, k, v = np.split(w, [config.n_head * config.head_dim, (config.n_head + config.n_kv_head) * config.head_dim])
+            for part, value in (("wq", q), ("wk", k), ("wv", v)):
+                state[f"blocks.{layer}.attn.{part}.{suffix}"] = torch.from_numpy(np.ascontiguousarray(value))
+            continue
+        name = our_name(t.name)
+        if name is None:
+            if t.name.startswith("rope_freqs"):
+                raise ModelLoadError(f"{path}: RoPE frequency scaling (rope_freqs) is not supported")
+            continue  # tensors we do not use (none in llama/gpt2 files we know of)
+        if config.arch == "llama" and ".attn.wq." in name:
+            w = unpermute(w, config.n_head)
+        elif config.arch == "llama" and ".attn.wk." in name:
+            w = unpermute(w, config.n_kv_head)
+        state[name] = torch.from_numpy(np.ascontiguousarray(w))
+    return state
+
+
+def load_gguf(path: str):
+    """(config, state_dict, tokenizer, info) from a GGUF file."""
+    from ..tokenizer import Tokenizer
+
+    reader = open_reader(path)
+    config = read_config(reader, path)
+    tokenizer = Tokenizer.from_gguf(reader)
+    state = read_state_dict(reader, config, path)
+    types = tensor_types(reader)
+    info = {
+        "name": field_value(reader, "general.name") or "",
+        "source_format": "gguf",
+        "source_dtypes": types,
+    }
+    return config, state, tokenizer, info

@@ -1,0 +1,202 @@
+"""Generation: prefill the prompt, then decode one token at a time from the KV cache.
+
+`Engine.stream` yields text deltas as they are decoded (never half a UTF-8 character, never part of a
+stop string); `Engine.generate` collects them. The engine keeps the KV cache of its last sequence, so
+the next prompt only pays for the tokens after the prefix it shares with it: in a chat, each turn
+re-sends the whole history (the article's "input + previous reply -> next reply") but only the new
+message is computed. `Engine.generate_batch` decodes several prompts together, left-padded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from .checkpoints import LoadedModel
+from .errors import ContextLengthError
+from .model import KVCache
+from .sampling import SamplingParams, TokenSampler
+from .streaming import IncrementalDetokenizer, StopStringMatcher
+
+PREFILL_CHUNK = 512  # long prompts are prefilled in chunks so attention scores stay small
+
+
+@dataclass
+class Delta:
+    """A piece of streamed output: new text, the tokens sampled since the last delta, and at the end why it stopped."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (end-of-turn token or stop string) or "length"
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # the reply's tokens (without the end-of-turn token)
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int  # tokens sampled, the end-of-turn token included
+
+
+class SequenceOutput:
+    """The output side of one sequence: its sampler, detokenizer and stop strings, and what it produced."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, budget: int, engine: "Engine"):
+        self.prompt_len = len(prompt_ids)
+        self.budget = budget
+        self.stop_ids = set(engine.tokenizer.eos_ids) | set(params.stop_token_ids)
+        self.sampler = TokenSampler(params, prompt_ids, engine.vocab_size)
+        self.detok = IncrementalDetokenizer(engine.decode)
+        self.stopper = StopStringMatcher(params.stop)
+        self.parts: list[str] = []
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+
+    def step(self, logits: torch.Tensor) -> Delta:
+        """Sample the next token from `logits` and turn it into a Delta (finish_reason set on the last)."""
+        token = self.sampler(logits)
+        if token in self.stop_ids:
+            return self._finish(Delta(""), "stop")
+        self.tokens.append(token)
+        text, stopped = self.stopper.push(self.detok.push(token))
+        delta = Delta(text, [token])
+        if stopped:
+            self.parts.append(text)
+            self.finish_reason = delta.finish_reason = "stop"
+            return delta
+        if len(self.tokens) >= self.budget:
+            return self._finish(delta, "length")
+        self.parts.append(text)
+        return delta
+
+    def _finish(self, delta: Delta, reason: str) -> Delta:
+        """Release what the detokenizer and the stop matcher held back."""
+        tail, stopped = self.stopper.push(self.detok.flush())
+        delta.text += tail if stopped else tail + self.stopper.flush()
+        delta.finish_reason = self.finish_reason = "stop" if stopped else reason
+        self.parts.append(delta.text)
+        return delta
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(
+            "".join(self.parts), self.tokens, self.finish_reason or "length", self.prompt_len, len(self.sampler.generated)
+        )
+
+
+class Engine:
+    def __init__(self, lm: LoadedModel):
+        self.lm = lm
+        self.model = lm.model
+        self.tokenizer = lm.tokenizer
+        self.context_length = lm.config.max_seq_len
+        self.vocab_size = min(lm.config.vocab_size, self.tokenizer.vocab_size)
+        self._cache: KVCache | None = None
+        self._cached_ids: list[int] = []  # the tokens whose keys/values are in _cache
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=True)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def check_fits(self, prompt_len: int, params: SamplingParams) -> int:
+        """How many tokens may be generated; a clear error when the prompt leaves no room."""
+        if prompt_len == 0:
+            raise ContextLengthError("the prompt is empty", 0, self.context_length)
+        if prompt_len >= self.context_length:
+            raise ContextLengthError(
+                f"the prompt has {prompt_len} tokens but the model's context holds {self.context_length}",
+                prompt_len,
+                self.context_length,
+            )
+        return params.max_new_for(prompt_len, self.context_length)
+
+    @torch.inference_mode()
+    def _prefill(self, prompt_ids: list[int], total: int) -> torch.Tensor:
+        """Run the prompt through the model, reusing the cached prefix; return the last position's logits."""
+        if self._cache is None:
+            self._cache = KVCache(self.lm.config, 1, total)
+        shared = 0
+        for a, b in zip(self._cached_ids, prompt_ids):
+            if a != b:
+                break
+            shared += 1
+        shared = min(shared, len(prompt_ids) - 1)  # at least one token must run to give logits
+        self._cache.truncate(shared)
+        self._cached_ids = self._cached_ids[:shared]
+        self._cache.reserve(total)
+        for start in range(shared, len(prompt_ids), PREFILL_CHUNK):
+            chunk = prompt_ids[start : start + PREFILL_CHUNK]
+            logits = self.model(torch.tensor([chunk]), cache=self._cache, last_only=True)
+            self._cached_ids += chunk
+        return logits[0, -1]
+
+    @torch.inference_mode()
+    def _decode_step(self, token: int) -> torch.Tensor:
+        logits = self.model(torch.tensor([[token]]), cache=self._cache, last_only=True)
+        self._cached_ids.append(token)
+        return logits[0, -1]
+
+    def start(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> SequenceOutput:
+        """Validate the request (eagerly, so errors come before any output) and set up its output side."""
+        params = (params or SamplingParams()).validate()
+        return SequenceOutput(list(prompt_ids), params, self.check_fits(len(prompt_ids), params), self)
+
+    def run(self, prompt_ids: Sequence[int], out: SequenceOutput) -> Iterator[Delta]:
+        """Prefill, then decode until `out` finishes. Closing the iterator stops generation at once."""
+        prompt_ids = list(prompt_ids)
+        logits = self._prefill(prompt_ids, len(prompt_ids) + out.budget)
+        while True:
+            delta = out.step(logits)
+            yield delta
+            if delta.finish_reason:
+                return
+            logits = self._decode_step(delta.token_ids[-1])
+
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> Iterator[Delta]:
+        """Deltas of the reply as they are decoded; the last one carries finish_reason."""
+        return self.run(prompt_ids, self.start(prompt_ids, params))
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> GenerationResult:
+        out = self.start(prompt_ids, params)
+        for _ in self.run(prompt_ids, out):
+            pass
+        return out.result()
+
+    @torch.inference_mode()
+    def generate_batch(
+        self, prompts: list[list[int]], params: SamplingParams | Sequence[SamplingParams] | None = None
+    ) -> list[GenerationResult]:
+        """Decode several prompts together: left-padded and masked, each with its own sampling params.
+
+        Finished rows leave the batch. A greedy row gives the same tokens as `generate` alone.
+        """
+        if isinstance(params, SamplingParams) or params is None:
+            params = [params or SamplingParams()] * len(prompts)
+        params = [p.validate() for p in params]
+        outs = [SequenceOutput(list(p), q, self.check_fits(len(p), q), self) for p, q in zip(prompts, params)]
+        longest = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_id or 0
+        ids = torch.tensor([[pad] * (longest - len(p)) + list(p) for p in prompts])
+        key_mask = torch.tensor([[False] * (longest - len(p)) + [True] * len(p) for p in prompts])
+        positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
+        cache = KVCache(self.lm.config, len(prompts), longest + max(o.budget for o in outs))
+        logits = self.model(ids, cache=cache, positions=positions, key_mask=key_mask, last_only=True)[:, -1]
+        live = list(range(len(prompts)))  # which sequence each batch row holds
+        while True:
+            deltas = [outs[i].step(logits[row]) for row, i in enumerate(live)]
+            keep = [row for row, d in enumerate(deltas) if not d.finish_reason]
+            if not keep:
+                break
+            if len(keep) < len(live):
+                cache.select(keep)
+                key_mask, positions = key_mask[keep], positions[keep]
+                live, deltas = [live[r] for r in keep], [deltas[r] for r in keep]
+            key_mask = torch.cat([key_mask, torch.ones(len(live), 1, dtype=torch.bool)], dim=1)
+            positions = positions[:, -1:] + 1
+            tokens = torch.tensor([[d.token_ids[-1]] for d in deltas])
+            logits = self.model(tokens, cache=cache, positions=positions, key_mask=key_mask, last_only=True)[:, -1]
+        return [o.result() for o in outs]

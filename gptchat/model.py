@@ -1,0 +1,314 @@
+"""The GPT: one decoder-only Transformer for the GPT-2 and the Llama families.
+
+attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V, computed by F.scaled_dot_product_attention.
+
+The two families differ in four places, each chosen by `config.arch`:
+
+    GPT-2: learned position embeddings, LayerNorm with bias, GELU MLP, biases in every Linear
+    Llama: rotary position embeddings (RoPE), RMSNorm, SwiGLU MLP, no biases, grouped-query attention
+
+Parameter names are our own (see `GPT.__init__`); the checkpoint loaders map other formats onto them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ARCHS = ("gpt2", "llama")
+
+
+@dataclass
+class GPTConfig:
+    arch: str = "llama"  # "gpt2" or "llama"
+    vocab_size: int = 49152
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None  # grouped-query attention; None means n_head (plain multi-head)
+    n_embd: int = 768
+    head_dim: int | None = None  # None means n_embd // n_head
+    n_inner: int | None = None  # MLP hidden width; None means 4 * n_embd
+    max_seq_len: int = 1024  # context length
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0  # RoPE base (llama only)
+    tie_embeddings: bool = True  # the output head reuses the token embedding
+    bias: bool | None = None  # biases in the attention/MLP Linears; None means True for gpt2, False for llama
+    attn_bias: bool | None = None  # biases in q/k/v only (Qwen2-style); None means same as `bias`
+    activation: str | None = None  # "gelu_tanh" (GPT-2), "gelu", or "silu"; None picks the family's
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown architecture {self.arch!r} (known: {', '.join(ARCHS)})")
+        self.n_kv_head = self.n_kv_head or self.n_head
+        self.head_dim = self.head_dim or self.n_embd // self.n_head
+        self.n_inner = self.n_inner or 4 * self.n_embd
+        if self.bias is None:
+            self.bias = self.arch == "gpt2"
+        if self.attn_bias is None:
+            self.attn_bias = self.bias
+        if self.activation is None:
+            self.activation = "gelu_tanh" if self.arch == "gpt2" else "silu"
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def activation_fn(name: str):
+    if name == "gelu_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu
+    if name == "silu":
+        return F.silu
+    raise ValueError(f"unknown activation {name!r}")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.arch == "gpt2":
+        return nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+    return RMSNorm(config.n_embd, config.norm_eps)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
+    """cos and sin for rotate-half RoPE (the Hugging Face convention), shaped [B, 1, T, head_dim]."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    angles = positions.float()[..., None] * inv_freq  # [B, T, head_dim/2]
+    angles = torch.cat((angles, angles), dim=-1)[:, None]  # [B, 1, T, head_dim]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated and grown by doubling.
+
+    `length` counts the positions filled; the model writes new keys at [length, length + T) and then
+    `advance(T)`. Setting `length` back (`truncate`) forgets a suffix, which lets a chat reuse the
+    cache for the part of the prompt it shares with the previous turn.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, capacity: int, dtype=torch.float32, device="cpu"):
+        self.config = config
+        self.batch_size = batch_size
+        self.dtype, self.device = dtype, device
+        self.length = 0
+        self._alloc(min(capacity, config.max_seq_len))
+
+    def _alloc(self, capacity: int):
+        c = self.config
+        shape = (c.n_layer, self.batch_size, c.n_kv_head, capacity, c.head_dim)
+        self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def reserve(self, total: int):
+        """Make room for `total` positions (copying what is kept), never beyond the context length."""
+        if total > self.config.max_seq_len:
+            raise ValueError(f"{total} positions exceed the context length {self.config.max_seq_len}")
+        if total <= self.capacity:
+            return
+        old_k, old_v, n = self.k, self.v, self.length
+        self._alloc(min(max(total, 2 * self.capacity), self.config.max_seq_len))
+        self.k[:, :, :, :n] = old_k[:, :, :, :n]
+        self.v[:, :, :, :n] = old_v[:, :, :, :n]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this step's keys/values for `layer`; return all keys/values so far (views, no copy)."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int):
+        self.length += n
+
+    def truncate(self, length: int):
+        self.length = min(self.length, length)
+
+    def select(self, rows: list[int]):
+        """Keep only these batch rows (finished sequences leave the batch)."""
+        index = torch.tensor(rows, device=self.device)
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+        self.batch_size = len(rows)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        c = config
+        self.n_head, self.n_kv_head, self.head_dim = c.n_head, c.n_kv_head, c.head_dim
+        self.wq = nn.Linear(c.n_embd, c.n_head * c.head_dim, bias=c.attn_bias)
+        self.wk = nn.Linear(c.n_embd, c.n_kv_head * c.head_dim, bias=c.attn_bias)
+        self.wv = nn.Linear(c.n_embd, c.n_kv_head * c.head_dim, bias=c.attn_bias)
+        self.wo = nn.Linear(c.n_head * c.head_dim, c.n_embd, bias=c.bias)
+
+    def forward(self, x, rope, cache: KVCache | None, layer: int, mask):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        gqa = self.n_kv_head != self.n_head
+        if mask is None:  # no padding and the queries are the last T of the keys
+            causal = T > 1
+            if causal and k.shape[2] != T:  # continuing a cache: queries sit at the end of the keys
+                mask = causal_mask(T, k.shape[2], x.device)
+                causal = False
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+def causal_mask(n_query: int, n_key: int, device) -> torch.Tensor:
+    """Boolean [n_query, n_key] mask (True = may attend) for queries at the last n_query key positions."""
+    offset = n_key - n_query
+    return torch.ones(n_query, n_key, dtype=torch.bool, device=device).tril(diagonal=offset)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        c = config
+        self.gated = c.arch == "llama"  # SwiGLU: down(act(gate(x)) * up(x)); GPT-2: down(act(up(x)))
+        self.act = activation_fn(c.activation)
+        if self.gated:
+            self.w_gate = nn.Linear(c.n_embd, c.n_inner, bias=c.bias)
+        self.w_up = nn.Linear(c.n_embd, c.n_inner, bias=c.bias)
+        self.w_down = nn.Linear(c.n_inner, c.n_embd, bias=c.bias)
+
+    def forward(self, x):
+        if self.gated:
+            return self.w_down(self.act(self.w_gate(x)) * self.w_up(x))
+        return self.w_down(self.act(self.w_up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config)
+        self.mlp_norm = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope, cache, layer, mask):
+        x = x + self.attn(self.attn_norm(x), rope, cache, layer, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        c = self.config = config
+        # embeddings are created empty (a random init of a 49152-row table on the meta device costs
+        # seconds); init_weights() below fills every parameter
+        self.tok_emb = nn.Embedding(c.vocab_size, c.n_embd, _weight=torch.empty(c.vocab_size, c.n_embd))
+        if c.arch == "gpt2":
+            self.pos_emb = nn.Embedding(c.max_seq_len, c.n_embd, _weight=torch.empty(c.max_seq_len, c.n_embd))
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layer))
+        self.norm = make_norm(c)
+        if not c.tie_embeddings:
+            self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        if not self.tok_emb.weight.is_meta:  # on the meta device the loader assigns real weights instead
+            self.init_weights()
+
+    def init_weights(self, std: float = 0.02):
+        """GPT-2 initialisation: normal(0, std), output projections scaled by 1/sqrt(2 * n_layer)."""
+        for name, p in self.named_parameters():
+            if p.is_meta:
+                continue
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:  # norm weights
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w_down.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layer))
+            else:
+                nn.init.normal_(p, 0.0, std)
+        return self
+
+    def head(self, x):
+        if not self.config.tie_embeddings:
+            return self.lm_head(x)
+        if hasattr(self.tok_emb, "project"):  # a quantized embedding brings its own matmul
+            return self.tok_emb.project(x)
+        return F.linear(x, self.tok_emb.weight)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits for `idx` [B, T].
+
+        cache: keys/values of earlier tokens; these T tokens are appended to it.
+        positions: [B, T] position ids (default: the next T positions after the cache).
+        key_mask: [B, S] bool, False for padding keys, S = cached + T (batches of unequal prompts).
+        last_only: compute logits for the last position only (what generation needs; saves the head).
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context length {self.config.max_seq_len}")
+        if positions is None:
+            positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
+        x = self.tok_emb(idx)
+        rope = None
+        if self.config.arch == "gpt2":
+            x = x + self.pos_emb(positions)
+        else:
+            rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        mask = None
+        if key_mask is not None:
+            # padding keys are hidden; each query also sees itself so padding rows stay finite (no NaN)
+            itself = torch.eye(T, start + T, dtype=torch.bool, device=idx.device).roll(start, dims=1)
+            mask = (causal_mask(T, start + T, idx.device) & key_mask[:, None, : start + T]) | itself
+            mask = mask[:, None]  # [B, 1, T, S]
+        if cache is not None:
+            cache.reserve(start + T)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, cache, i, mask)
+        if cache is not None:
+            cache.advance(T)
+        if last_only:
+            x = x[:, -1:]
+        return self.head(self.norm(x))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,304 @@
+"""Choosing the next token: the sampling parameters and a per-sequence sampler.
+
+One step turns the model's last-position logits into one token id, in this order:
+
+    logit_bias -> repetition penalty -> presence/frequency penalty -> no-repeat-ngram ban
+    -> greedy argmax, or: temperature -> top-k -> top-p -> min-p -> multinomial draw
+
+The processors follow the reference semantics of Hugging Face `generate` (repetition penalty,
+no-repeat-ngram, top-k/top-p/min-p) and of the OpenAI API (logit_bias, presence/frequency penalty),
+so that a user's settings mean what they mean elsewhere.
+
+A `TokenSampler` holds one sequence's state (history, a `seen` mask, token counts, n-gram table, RNG)
+and updates it by one token per step, so the per-token cost does not grow with the sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from gptchat.errors import ContextLengthError, InvalidParameterError
+
+MAX_STOP_STRINGS = 16
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int | None = 256  # None => until max_length / context end
+    max_length: int | None = None  # total length prompt+new, as in HF generate(max_length=...)
+    temperature: float = 1.0  # 0 => greedy (argmax)
+    top_k: int = 0  # 0 => off
+    top_p: float = 1.0  # in (0, 1]; 1 => off
+    min_p: float = 0.0  # in [0, 1); 0 => off
+    repetition_penalty: float = 1.0  # > 0; HF/CTRL style over prompt+generated tokens
+    presence_penalty: float = 0.0  # OpenAI style, in [-2, 2], over generated tokens
+    frequency_penalty: float = 0.0  # OpenAI style, in [-2, 2], over generated tokens
+    no_repeat_ngram_size: int = 0  # HF semantics over prompt+generated ids; 0 => off
+    stop: tuple[str, ...] | list[str] = ()  # stop strings (text)
+    stop_token_ids: tuple[int, ...] | list[int] = ()
+    seed: int | None = None
+    logit_bias: dict[int, float] | None = None  # OpenAI style additive bias, values in [-100, 100]
+
+    def validate(self) -> "SamplingParams":
+        """Raise InvalidParameterError for the first bad value; normalise containers; return self.
+
+        A lone stop string becomes a 1-tuple, and logit_bias keys may be strings of digits (as in the
+        OpenAI API's JSON), which become ints.
+        """
+        for name in ("max_new_tokens", "max_length"):
+            value = getattr(self, name)
+            if value is not None and _int(name, value) < 1:
+                raise InvalidParameterError(name, f"{name} must be >= 1 (got {value})")
+        t = _float("temperature", self.temperature)
+        if not (t >= 0 and math.isfinite(t)):
+            raise InvalidParameterError("temperature", f"temperature must be >= 0 and finite (got {t})")
+        if _int("top_k", self.top_k) < 0:
+            raise InvalidParameterError("top_k", f"top_k must be >= 0 (got {self.top_k})")
+        if not (0 < _float("top_p", self.top_p) <= 1):
+            raise InvalidParameterError("top_p", f"top_p must be in (0, 1] (got {self.top_p})")
+        if not (0 <= _float("min_p", self.min_p) < 1):
+            raise InvalidParameterError("min_p", f"min_p must be in [0, 1) (got {self.min_p})")
+        rp = _float("repetition_penalty", self.repetition_penalty)
+        if not (rp > 0 and math.isfinite(rp)):
+            raise InvalidParameterError(
+                "repetition_penalty", f"repetition_penalty must be > 0 and finite (got {rp})"
+            )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = _float(name, getattr(self, name))
+            if not (-2 <= value <= 2):
+                raise InvalidParameterError(name, f"{name} must be in [-2, 2] (got {value})")
+        if _int("no_repeat_ngram_size", self.no_repeat_ngram_size) < 0:
+            raise InvalidParameterError(
+                "no_repeat_ngram_size", f"no_repeat_ngram_size must be >= 0 (got {self.no_repeat_ngram_size})"
+            )
+        self._validate_stops()
+        if self.seed is not None:
+            _int("seed", self.seed)
+        if self.logit_bias is not None:
+            self._validate_logit_bias()
+        return self
+
+    def _validate_stops(self) -> None:
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)):
+            raise InvalidParameterError("stop", f"stop must be a string or a list of strings (got {stop!r})")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise InvalidParameterError("stop", f"stop must have at most {MAX_STOP_STRINGS} strings (got {len(stop)})")
+        for s in stop:
+            if not isinstance(s, str) or not s:
+                raise InvalidParameterError("stop", f"stop strings must be non-empty strings (got {s!r})")
+        self.stop = tuple(stop)
+        if not isinstance(self.stop_token_ids, (list, tuple)):
+            raise InvalidParameterError(
+                "stop_token_ids", f"stop_token_ids must be a list of ints (got {self.stop_token_ids!r})"
+            )
+        for i in self.stop_token_ids:
+            if _int("stop_token_ids", i) < 0:
+                raise InvalidParameterError("stop_token_ids", f"stop_token_ids must be >= 0 (got {i})")
+        self.stop_token_ids = tuple(self.stop_token_ids)
+
+    def _validate_logit_bias(self) -> None:
+        if not isinstance(self.logit_bias, dict):
+            raise InvalidParameterError(
+                "logit_bias", f"logit_bias must map token ids to numbers (got {self.logit_bias!r})"
+            )
+        bias = {}
+        for key, value in self.logit_bias.items():
+            try:
+                token = int(key)
+            except (TypeError, ValueError):
+                raise InvalidParameterError("logit_bias", f"logit_bias keys must be token ids (got {key!r})") from None
+            if isinstance(key, (bool, float)) or token < 0:
+                raise InvalidParameterError("logit_bias", f"logit_bias keys must be token ids >= 0 (got {key!r})")
+            if not (-100 <= _float("logit_bias", value) <= 100):
+                raise InvalidParameterError("logit_bias", f"logit_bias values must be in [-100, 100] (got {value})")
+            bias[token] = float(value)
+        self.logit_bias = bias
+
+    def max_new_for(self, prompt_len: int, context_length: int) -> int:
+        """How many tokens may be generated after a prompt of `prompt_len` tokens."""
+        if self.max_length is not None and self.max_length <= prompt_len:
+            raise InvalidParameterError(
+                "max_length",
+                f"max_length must be > the prompt length of {prompt_len} tokens (got {self.max_length})",
+            )
+        if prompt_len >= context_length:
+            raise ContextLengthError(
+                f"the prompt has {prompt_len} tokens, which leaves no room in the model's "
+                f"context of {context_length}",
+                prompt_tokens=prompt_len,
+                context_length=context_length,
+            )
+        limit = context_length - prompt_len
+        if self.max_new_tokens is not None:
+            limit = min(limit, self.max_new_tokens)
+        if self.max_length is not None:
+            limit = min(limit, self.max_length - prompt_len)
+        return limit
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def _int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidParameterError(name, f"{name} must be an integer (got {value!r})")
+    return value
+
+
+def _float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidParameterError(name, f"{name} must be a number (got {value!r})")
+    return float(value)
+
+
+# --- the warpers: each takes 1-D (or [B, V]) float logits and returns them with some set to -inf ---
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits (and any tied with the k-th), as HF's TopKLogitsWarper."""
+    k = min(k, logits.size(-1))
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, -math.inf)
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probabilities sum to >= p (at least one).
+
+    Computed as HF's TopPLogitsWarper does (ascending sort, drop the tail whose cumulative probability
+    is <= 1 - p) so the kept set is the same, ties and rounding included.
+    """
+    sorted_logits, sorted_idx = torch.sort(logits, descending=False, dim=-1)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cumulative <= (1 - p)
+    remove_sorted[..., -1:] = False
+    remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)
+    return logits.masked_fill(remove, -math.inf)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the top token's (HF's MinPLogitsWarper)."""
+    probs = logits.softmax(dim=-1)
+    remove = probs < min_p * probs.amax(dim=-1, keepdim=True)
+    remove.scatter_(-1, probs.argmax(dim=-1, keepdim=True), False)
+    return logits.masked_fill(remove, -math.inf)
+
+
+class TokenSampler:
+    """Chooses the next token for ONE sequence; holds that sequence's history, counts and RNG."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int):
+        self.params = params.validate()
+        self.vocab_size = vocab_size
+        self.history: list[int] = []  # prompt + generated ids (the n-gram ban looks back over both)
+        self.prompt_len = len(prompt_ids)
+        self._seen = torch.zeros(vocab_size, dtype=torch.bool)  # in prompt or generated: repetition penalty
+        self._counts = torch.zeros(vocab_size, dtype=torch.float32)  # generated only: presence/frequency
+        self._ngrams: dict[tuple[int, ...], set[int]] = {}  # (n-1)-gram -> tokens that followed it
+        self._generator: torch.Generator | None = None  # made on the logits' device at the first step
+
+        self._bias_ids = self._bias_values = None
+        if params.logit_bias:
+            bad = [t for t in params.logit_bias if t >= vocab_size]
+            if bad:
+                raise InvalidParameterError(
+                    "logit_bias", f"logit_bias token ids must be < vocab size {vocab_size} (got {bad[0]})"
+                )
+            self._bias_ids = torch.tensor(list(params.logit_bias.keys()), dtype=torch.long)
+            self._bias_values = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32)
+
+        for t in prompt_ids:
+            self._record(t)
+        self._seen[[t for t in prompt_ids if 0 <= t < vocab_size]] = True
+
+    @property
+    def generated(self) -> list[int]:
+        return self.history[self.prompt_len :]
+
+    def _record(self, token: int) -> None:
+        """Extend the history by one token and update the n-gram table."""
+        self.history.append(token)
+        n = self.params.no_repeat_ngram_size
+        if n and len(self.history) >= n:
+            key = tuple(self.history[len(self.history) - n : -1])
+            self._ngrams.setdefault(key, set()).add(token)
+
+    def accept(self, token: int) -> None:
+        """Record a generated token (done by __call__; call it yourself for a token you forced)."""
+        self._record(token)
+        if 0 <= token < self.vocab_size:
+            self._seen[token] = True
+            self._counts[token] += 1
+
+    def _to(self, device: torch.device) -> None:
+        """Move the state tensors next to the logits (once, at the first step on a new device)."""
+        self._seen, self._counts = self._seen.to(device), self._counts.to(device)
+        if self._bias_ids is not None:
+            self._bias_ids, self._bias_values = self._bias_ids.to(device), self._bias_values.to(device)
+
+    def processed_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits after bias, penalties and bans, before temperature (a new float32 tensor)."""
+        p, V = self.params, self.vocab_size
+        if self._seen.device != logits.device:
+            self._to(logits.device)
+        x = logits.to(torch.float32, copy=True)
+        x[V:] = -math.inf  # a padded vocabulary's extra rows are not tokens
+        v = x[:V]  # a view: in-place edits to v edit x
+        if self._bias_ids is not None:
+            v.index_add_(0, self._bias_ids, self._bias_values)
+        if p.repetition_penalty != 1.0:
+            r = p.repetition_penalty
+            v.copy_(torch.where(self._seen, torch.where(v < 0, v * r, v / r), v))
+        if p.presence_penalty or p.frequency_penalty:
+            v -= self._counts * p.frequency_penalty + (self._counts > 0).float() * p.presence_penalty
+        if p.no_repeat_ngram_size:
+            self._ban_repeated_ngrams(v)
+        return x
+
+    def _ban_repeated_ngrams(self, v: torch.Tensor) -> None:
+        """Set to -inf every token that would complete an n-gram already in the history (HF semantics)."""
+        n = self.params.no_repeat_ngram_size
+        if len(self.history) < n - 1:
+            return
+        banned = self._ngrams.get(tuple(self.history[len(self.history) - (n - 1) :]))
+        if not banned:
+            return
+        idx = torch.tensor([t for t in banned if 0 <= t < self.vocab_size], dtype=torch.long, device=v.device)
+        before = v[idx]
+        v[idx] = -math.inf
+        if not (v > -math.inf).any():  # the ban left nothing to choose: better a repeat than a crash
+            v[idx] = before
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        """Pick the next token from 1-D logits [V >= vocab_size], record it and return it."""
+        x = self.processed_logits(logits)
+        token = int(x.argmax()) if self.params.greedy else self._sample(x)
+        self.accept(token)
+        return token
+
+    def _sample(self, x: torch.Tensor) -> int:
+        p = self.params
+        x = (x - x.max()) / p.temperature  # shifting first keeps a tiny temperature from overflowing
+        if p.top_k:
+            x = apply_top_k(x, p.top_k)
+        if p.top_p < 1.0:
+            x = apply_top_p(x, p.top_p)
+        if p.min_p > 0.0:
+            x = apply_min_p(x, p.min_p)
+        if self._generator is None or self._generator.device != x.device:
+            self._generator = torch.Generator(device=x.device)
+            if p.seed is None:
+                self._generator.seed()
+            else:
+                self._generator.manual_seed(p.seed & 0xFFFF_FFFF_FFFF_FFFF)
+        probs = x.softmax(dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self._generator))
+
+
+def sample_batch(samplers: list[TokenSampler], logits: torch.Tensor) -> list[int]:
+    """One token per sequence of a batch: row i of logits [B, V] goes to samplers[i]."""
+    return [sampler(row) for sampler, row in zip(samplers, logits)]

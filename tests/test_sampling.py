@@ -1,0 +1,316 @@
+"""Sampling: parameter validation, determinism, and the processors against Hugging Face's as the oracle."""
+
+import math
+
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from gptchat.errors import ContextLengthError, InvalidParameterError
+from gptchat.sampling import (
+    SamplingParams,
+    TokenSampler,
+    apply_min_p,
+    apply_top_k,
+    apply_top_p,
+    sample_batch,
+)
+
+V = 64
+NAN = float("nan")
+
+
+def random_logits(n, vocab=V, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, vocab, generator=g) * 3
+
+
+# --- validation ---
+
+BAD = [
+    ("max_new_tokens", 0),
+    ("max_new_tokens", 2.5),
+    ("max_length", 0),
+    ("temperature", -1.0),
+    ("temperature", NAN),
+    ("temperature", math.inf),
+    ("temperature", "hot"),
+    ("top_k", -1),
+    ("top_k", True),
+    ("top_p", 0.0),
+    ("top_p", 1.5),
+    ("top_p", NAN),
+    ("min_p", 1.0),
+    ("min_p", -0.1),
+    ("min_p", NAN),
+    ("repetition_penalty", 0.0),
+    ("repetition_penalty", -1.0),
+    ("repetition_penalty", NAN),
+    ("presence_penalty", 2.5),
+    ("presence_penalty", NAN),
+    ("frequency_penalty", -3.0),
+    ("frequency_penalty", NAN),
+    ("no_repeat_ngram_size", -1),
+    ("stop", [""]),
+    ("stop", ["ok", ""]),
+    ("stop", [f"s{i}" for i in range(17)]),
+    ("stop_token_ids", [-1]),
+    ("seed", 1.5),
+    ("logit_bias", {5: 101.0}),
+    ("logit_bias", {5: -100.5}),
+    ("logit_bias", {5: NAN}),
+    ("logit_bias", {"x": 1.0}),
+    ("logit_bias", {-3: 1.0}),
+]
+
+
+@pytest.mark.parametrize("param,value", BAD)
+def test_bad_values_raise_naming_the_param(param, value):
+    with pytest.raises(InvalidParameterError) as err:
+        SamplingParams(**{param: value}).validate()
+    assert err.value.param == param
+    assert param in str(err.value) and "\n" not in str(err.value)
+
+
+def test_good_values_validate_and_normalise():
+    p = SamplingParams(
+        max_new_tokens=None, temperature=0, top_p=1.0, min_p=0.5, presence_penalty=-2, frequency_penalty=2,
+        stop="###", stop_token_ids=[2], seed=-5, logit_bias={"7": 100, 3: -100.0},
+    )
+    assert p.validate() is p
+    assert p.stop == ("###",) and p.stop_token_ids == (2,)
+    assert p.logit_bias == {7: 100.0, 3: -100.0}
+    assert SamplingParams(stop=[f"s{i}" for i in range(16)]).validate()
+
+
+def test_logit_bias_token_must_be_in_vocab():
+    with pytest.raises(InvalidParameterError) as err:
+        TokenSampler(SamplingParams(logit_bias={V: 1.0}), [], V)
+    assert err.value.param == "logit_bias"
+
+
+def test_greedy_property():
+    assert SamplingParams(temperature=0).greedy
+    assert SamplingParams(top_k=1).greedy
+    assert not SamplingParams(temperature=0.7, top_k=2).greedy
+
+
+# --- length budget ---
+
+
+def test_max_new_for():
+    assert SamplingParams(max_new_tokens=256).max_new_for(10, 1024) == 256
+    assert SamplingParams(max_new_tokens=256).max_new_for(900, 1024) == 124
+    assert SamplingParams(max_new_tokens=None).max_new_for(10, 1024) == 1014
+    assert SamplingParams(max_new_tokens=None, max_length=50).max_new_for(10, 1024) == 40
+    assert SamplingParams(max_new_tokens=20, max_length=50).max_new_for(10, 1024) == 20
+    assert SamplingParams(max_new_tokens=100, max_length=2000).max_new_for(10, 60) == 50
+
+
+def test_max_length_not_above_prompt_raises():
+    for max_length in (10, 5):
+        with pytest.raises(InvalidParameterError) as err:
+            SamplingParams(max_length=max_length).max_new_for(10, 1024)
+        assert err.value.param == "max_length"
+
+
+def test_prompt_filling_context_raises():
+    with pytest.raises(ContextLengthError):
+        SamplingParams().max_new_for(1024, 1024)
+
+
+# --- determinism and greedy ---
+
+
+def run(params, logits, prompt=(), vocab=V):
+    sampler = TokenSampler(params, list(prompt), vocab)
+    return [sampler(row) for row in logits]
+
+
+def test_same_seed_same_tokens_different_seed_differs():
+    logits = random_logits(50) / 3  # flat enough that draws vary
+    a = run(SamplingParams(seed=1234), logits)
+    assert a == run(SamplingParams(seed=1234), logits)
+    assert a != run(SamplingParams(seed=4321), logits)
+    warped = SamplingParams(seed=7, temperature=0.8, top_k=20, top_p=0.9, min_p=0.05)
+    assert run(warped, logits) == run(warped, logits)
+
+
+def test_unseeded_samplers_are_random():
+    logits = torch.zeros(50, V)
+    assert run(SamplingParams(), logits) != run(SamplingParams(), logits)
+
+
+def test_temperature_zero_is_argmax_and_top_k_one_is_greedy():
+    logits = random_logits(50)
+    argmax = [int(row.argmax()) for row in logits]
+    assert run(SamplingParams(temperature=0), logits) == argmax
+    assert run(SamplingParams(top_k=1, seed=3), logits) == argmax
+    assert run(SamplingParams(top_k=1, temperature=5.0), logits) == argmax
+
+
+def test_greedy_ties_pick_lowest_id():
+    logits = torch.zeros(V)
+    logits[[9, 4, 30]] = 1.0
+    assert run(SamplingParams(temperature=0), [logits]) == [4]
+
+
+def test_padded_vocab_rows_are_never_chosen():
+    logits = random_logits(20, vocab=V + 16)
+    logits[:, V:] = 100.0
+    assert all(t < V for t in run(SamplingParams(temperature=0), logits))
+    assert all(t < V for t in run(SamplingParams(seed=0), logits))
+    assert torch.isinf(TokenSampler(SamplingParams(), [], V).processed_logits(logits[0])[V:]).all()
+
+
+def test_tiny_temperature_does_not_overflow():
+    logits = random_logits(20)
+    assert run(SamplingParams(temperature=1e-30, seed=0), logits) == [int(r.argmax()) for r in logits]
+
+
+def test_sample_batch_and_generated():
+    logits = random_logits(3)
+    samplers = [TokenSampler(SamplingParams(temperature=0), [1, 2], V) for _ in range(3)]
+    tokens = sample_batch(samplers, logits)
+    assert tokens == [int(r.argmax()) for r in logits]
+    assert [s.generated for s in samplers] == [[t] for t in tokens]
+    assert samplers[0].history == [1, 2, tokens[0]]
+
+
+def test_input_logits_are_not_modified():
+    logits = random_logits(1)[0]
+    before = logits.clone()
+    params = SamplingParams(repetition_penalty=1.3, logit_bias={1: 5}, presence_penalty=1, no_repeat_ngram_size=1)
+    run(params, [logits], [1, 2])
+    assert torch.equal(logits, before)
+
+
+# --- processors against Hugging Face ---
+
+
+def test_repetition_penalty_matches_hf():
+    logits = random_logits(10, seed=1)
+    g = torch.Generator().manual_seed(2)
+    for penalty in (1.3, 0.7):
+        prompt = torch.randint(0, V, (12,), generator=g).tolist()
+        sampler = TokenSampler(SamplingParams(repetition_penalty=penalty, seed=0), prompt, V)
+        hf = RepetitionPenaltyLogitsProcessor(penalty)
+        for row in logits:
+            ids = torch.tensor([sampler.history])
+            assert torch.equal(sampler.processed_logits(row), hf(ids, row[None].clone())[0])
+            sampler(row)
+
+
+def test_no_repeat_ngram_matches_hf():
+    g = torch.Generator().manual_seed(3)
+    for n in (1, 2, 3, 4):
+        prompt = torch.randint(0, 6, (15,), generator=g).tolist()  # small id range: many repeats
+        sampler = TokenSampler(SamplingParams(no_repeat_ngram_size=n, seed=n), prompt, V)
+        hf = NoRepeatNGramLogitsProcessor(n)
+        for row in random_logits(10, seed=n):
+            row[6:] -= 50  # keep choices among the repeating ids
+            ids = torch.tensor([sampler.history])
+            ours, theirs = sampler.processed_logits(row), hf(ids, row[None].clone())[0]
+            if torch.isinf(theirs).all():
+                continue  # HF leaves nothing; we fall back (tested below)
+            assert torch.equal(ours, theirs)
+            sampler(row)
+
+
+def test_no_repeat_ngram_breaks_a_loop():
+    """Logits that always favour the cycle 0 1 2 0 1 2 ...; with the ban no 3-gram repeats."""
+    cycle = 3
+
+    def logits_after(prev):
+        row = torch.zeros(V)
+        row[(prev + 1) % cycle] = 10.0
+        return row
+
+    for temperature in (0.0, 1.0):
+        params = SamplingParams(temperature=temperature, seed=0, no_repeat_ngram_size=3)
+        sampler = TokenSampler(params, [0], V)
+        prev = 0
+        for _ in range(60):
+            prev = sampler(logits_after(prev))
+        seq = sampler.history
+        grams = [tuple(seq[i : i + 3]) for i in range(len(seq) - 2)]
+        assert len(grams) == len(set(grams))
+    unbanned = TokenSampler(SamplingParams(temperature=0), [0], V)
+    prev = 0
+    for _ in range(10):
+        prev = unbanned(logits_after(prev))
+    assert unbanned.generated == [1, 2, 0] * 3 + [1]
+
+
+def test_ban_of_every_token_falls_back():
+    sampler = TokenSampler(SamplingParams(no_repeat_ngram_size=1, seed=0), [0, 1], 2)  # every id banned
+    out = sampler.processed_logits(torch.tensor([1.0, 2.0]))
+    assert torch.equal(out, torch.tensor([1.0, 2.0]))
+    assert sampler(torch.tensor([1.0, 2.0])) in (0, 1)
+
+
+@pytest.mark.parametrize("k", [1, 5, 40, V, V + 10])
+def test_top_k_matches_hf(k):
+    logits = random_logits(8, seed=k)
+    logits[0, :10] = 1.0  # ties at the boundary
+    assert torch.equal(apply_top_k(logits, k), TopKLogitsWarper(k)(None, logits.clone()))
+
+
+@pytest.mark.parametrize("p", [0.01, 0.3, 0.5, 0.9, 0.999, 1.0])
+def test_top_p_mask_matches_hf(p):
+    logits = random_logits(16, seed=int(p * 1000))
+    ours, theirs = apply_top_p(logits, p), TopPLogitsWarper(p)(None, logits.clone())
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    assert torch.equal(ours, theirs)
+    assert (~torch.isinf(ours)).sum(-1).min() >= 1
+
+
+@pytest.mark.parametrize("min_p", [0.01, 0.1, 0.5, 0.99])
+def test_min_p_mask_matches_hf(min_p):
+    logits = random_logits(16, seed=int(min_p * 100))
+    ours, theirs = apply_min_p(logits, min_p), MinPLogitsWarper(min_p)(None, logits.clone())
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    assert torch.equal(ours, theirs)
+
+
+def test_sampled_tokens_stay_inside_hf_masks():
+    logits = random_logits(1, seed=9)[0]
+    temperature, top_k, top_p, min_p = 0.7, 30, 0.8, 0.05
+    x = (logits / temperature)[None]
+    for warper in (TopKLogitsWarper(top_k), TopPLogitsWarper(top_p), MinPLogitsWarper(min_p)):
+        x = warper(None, x)
+    allowed = set(torch.nonzero(~torch.isinf(x[0])).flatten().tolist())
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=0)
+    sampler = TokenSampler(params, [], V)
+    drawn = {sampler(logits) for _ in range(300)}
+    assert drawn <= allowed and len(drawn) > 1
+
+
+def test_presence_and_frequency_penalties():
+    prompt = [5, 6]  # the prompt does not count for OpenAI-style penalties
+    sampler = TokenSampler(SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), prompt, V)
+    for t in (3, 3, 3, 7):
+        sampler.accept(t)
+    logits = random_logits(1)[0]
+    expected = logits.clone()
+    expected[3] -= 3 * 0.25 + 0.5
+    expected[7] -= 1 * 0.25 + 0.5
+    assert torch.equal(sampler.processed_logits(logits), expected)
+
+
+def test_logit_bias_is_added_and_can_force_or_ban():
+    logits = random_logits(1)[0]
+    sampler = TokenSampler(SamplingParams(logit_bias={2: 1.5, 9: -3.0}), [], V)
+    expected = logits.clone()
+    expected[2] += 1.5
+    expected[9] -= 3.0
+    assert torch.equal(sampler.processed_logits(logits), expected)
+    assert set(run(SamplingParams(logit_bias={11: 100}, seed=0), random_logits(20))) == {11}
+    top = int(logits.argmax())
+    assert run(SamplingParams(temperature=0, logit_bias={top: -100}), [logits]) != [top]
