@@ -53,7 +53,7 @@ class Conversation:
 
     def reset(self):
         """Forget the turns, keep the system prompt."""
-        self.set_system(self.system)
+        self.messages = self.messages[:1] if self.system is not None else []
 
     def add(self, role: str, content: str):
         self.messages.append({"role": role, "content": content})
@@ -100,7 +100,7 @@ def build_prompt(engine: Engine, messages: list[dict], max_new_tokens: int) -> P
     while True:
         text = render_chat(tok.chat_template, system + turns, add_generation_prompt=True,
                            bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
-        ids = tok.encode(text, add_special_tokens=True)
+        ids = tok.encode(text, add_special_tokens=False)  # the template writes any BOS itself
         if len(ids) <= room:
             return Prompt(ids, dropped)
         if len(turns) <= 1:

