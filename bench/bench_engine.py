@@ -461,7 +461,7 @@ def run_child(spec: dict, env_extra: dict | None = None, timeout: float | None =
     env.update({
         "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"]),
         "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-        "PYTHONWARNINGS": "ignore",
+        "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1",
     })
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.update(env_extra or {})

@@ -43,8 +43,6 @@ NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
 # types gguf-py cannot quantize: we write random blocks of these
 RANDOM_BLOCK_TYPES = {Q.Q4_K, Q.Q6_K}
 
-TypeChoice = "str | Q | Mapping[str, str | Q] | Callable[[str, tuple], str | Q] | None"
-
 
 def permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's convert_hf_to_gguf.py LlamaModel.permute (rotate-half -> interleaved RoPE rows)."""

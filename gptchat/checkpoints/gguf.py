@@ -60,7 +60,11 @@ def read_config(reader, path: str) -> GPTConfig:
     n_head = int(get("attention.head_count"))
     n_embd = int(get("embedding_length"))
     tensor_names = {t.name for t in reader.tensors}
-    vocab = field_value(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    vocab = field_value(reader, f"{arch}.vocab_size")
+    if vocab is None:
+        if "tokenizer.ggml.tokens" not in reader.fields:
+            raise ModelLoadError(f"{path}: GGUF metadata lacks {arch}.vocab_size and tokenizer.ggml.tokens")
+        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
     eps_key = "attention.layer_norm_rms_epsilon" if arch == "llama" else "attention.layer_norm_epsilon"
     return GPTConfig(
         arch=GGUF_ARCHS[arch],
@@ -112,7 +116,8 @@ def read_state_dict(reader, config: GPTConfig, path: str) -> dict[str, torch.Ten
             w = dequantize(t.data, t.tensor_type)
         except NotImplementedError:
             raise ModelLoadError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which cannot be dequantized") from None
-        w = np.asarray(w, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
+        # a copy: for F32 tensors dequantize() returns a view into the read-only memory map of the file
+        w = np.array(w, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
         if t.name.endswith("attn_qkv.weight") or t.name.endswith("attn_qkv.bias"):  # GPT-2: fused q, k, v
             layer = t.name.split(".")[1]
             suffix = t.name.rsplit(".", 1)[1]
@@ -129,7 +134,7 @@ def read_state_dict(reader, config: GPTConfig, path: str) -> dict[str, torch.Ten
             w = unpermute(w, config.n_head)
         elif config.arch == "llama" and ".attn.wk." in name:
             w = unpermute(w, config.n_kv_head)
-        state[name] = torch.from_numpy(np.ascontiguousarray(w))
+        state[name] = torch.from_numpy(w)
     return state
 
 
@@ -139,7 +144,10 @@ def load_gguf(path: str):
 
     reader = open_reader(path)
     config = read_config(reader, path)
-    tokenizer = Tokenizer.from_gguf(reader)
+    try:
+        tokenizer = Tokenizer.from_gguf(reader)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
     state = read_state_dict(reader, config, path)
     types = tensor_types(reader)
     info = {
