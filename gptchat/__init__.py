@@ -9,14 +9,21 @@
 
 __version__ = "0.1.0"
 
-from .errors import ContextLengthError, GptchatError, InvalidParameterError, ModelLoadError  # noqa: E402
-from .sampling import SamplingParams  # noqa: E402
-from .checkpoints import LoadedModel, default_model_path, load_model  # noqa: E402
-from .engine import Delta, Engine, GenerationResult  # noqa: E402
-from .chat import ChatSession, Conversation, build_prompt  # noqa: E402
+# Names are imported on first use (PEP 562), so `gptchat --help` and flag errors do not wait for torch.
+_EXPORTS = {
+    "ContextLengthError": "errors", "GptchatError": "errors", "InvalidParameterError": "errors",
+    "ModelLoadError": "errors",
+    "SamplingParams": "sampling",
+    "LoadedModel": "checkpoints", "default_model_path": "checkpoints", "load_model": "checkpoints",
+    "Delta": "engine", "Engine": "engine", "GenerationResult": "engine",
+    "ChatSession": "chat", "Conversation": "chat", "build_prompt": "chat",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = [
-    "ChatSession", "ContextLengthError", "Conversation", "Delta", "Engine", "GenerationResult", "GptchatError",
-    "InvalidParameterError", "LoadedModel", "ModelLoadError", "SamplingParams", "build_prompt",
-    "default_model_path", "load_model",
-]
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'gptchat' has no attribute {name!r}")

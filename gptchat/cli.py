@@ -74,13 +74,14 @@ def sampling_params(args):
 
 
 def load(args):
-    from .checkpoints import is_cached, load_model
+    from pathlib import Path
 
-    quant = getattr(args, "quant", "none")
-    if args.model is None or str(args.model).endswith(".gguf"):
-        if not args.no_cache and not is_cached(args.model, quant):
-            print("gptchat: converting the model for fast loading (once; it is cached after this)...", file=sys.stderr)
-    return load_model(args.model, quant=quant, use_cache=not args.no_cache)
+    from .checkpoints import default_model_path, detect_format, is_cached, load_model
+
+    path = Path(args.model or default_model_path()).expanduser()
+    if detect_format(path) == "gguf" and not args.no_cache and not is_cached(path, args.quant):
+        print("gptchat: converting the model for fast loading (once; it is cached after this)...", file=sys.stderr)
+    return load_model(path, quant=args.quant, use_cache=not args.no_cache)
 
 
 def cmd_generate(args) -> int:
@@ -88,7 +89,11 @@ def cmd_generate(args) -> int:
     from .engine import Engine
 
     params = sampling_params(args)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.raw and args.system:
+        raise GptchatError("--system cannot be used with --raw (a raw prompt has no chat template)")
+    prompt = args.prompt
+    if prompt == "-":  # the newline that ends piped input is not part of the prompt
+        prompt = sys.stdin.read().removesuffix("\n") if args.raw else sys.stdin.read().strip()
     engine = Engine(load(args))
     if args.raw:
         ids = engine.encode(prompt)
@@ -231,6 +236,7 @@ def make_parser() -> Parser:
 
     p = sub.add_parser("info", help="what a model file or directory holds", description="Describe a model.")
     p.add_argument("model", metavar="M", nargs="?", help="a .gguf file or a model directory (default: the default model)")
+    p.add_argument("--quant", choices=("auto", "none", "int8"), default="auto", help="as for chat (default auto)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the converted-model cache")
     p.set_defaults(func=cmd_info)
     return parser

@@ -311,4 +311,5 @@ class GPT(nn.Module):
         return self.head(self.norm(x))
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Number of weights (a quantized weight counts its values; its scales are not weights)."""
+        return sum(t.numel() for name, t in self.state_dict().items() if not name.endswith(".scale"))
