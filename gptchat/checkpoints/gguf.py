@@ -11,13 +11,14 @@ import numpy as np
 import torch
 
 from ..errors import ModelLoadError
-from ..model import GPTConfig
+from ..model import GPTConfig, fuse_projections
 
 GGUF_ARCHS = {"llama": "llama", "gpt2": "gpt2"}
 
 # GGUF tensor name (after "blk.N.") -> our name (after "blocks.N.")
 BLOCK_NAMES = {
     "attn_norm": "attn_norm",
+    "attn_qkv": "attn.wqkv",  # GPT-2: already fused, rows [q; k; v]
     "attn_q": "attn.wq",
     "attn_k": "attn.wk",
     "attn_v": "attn.wv",
@@ -118,13 +119,6 @@ def read_state_dict(reader, config: GPTConfig, path: str) -> dict[str, torch.Ten
             raise ModelLoadError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which cannot be dequantized") from None
         # a copy: for F32 tensors dequantize() returns a view into the read-only memory map of the file
         w = np.array(w, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
-        if t.name.endswith("attn_qkv.weight") or t.name.endswith("attn_qkv.bias"):  # GPT-2: fused q, k, v
-            layer = t.name.split(".")[1]
-            suffix = t.name.rsplit(".", 1)[1]
-            q, k, v = np.split(w, [config.n_head * config.head_dim, (config.n_head + config.n_kv_head) * config.head_dim])
-            for part, value in (("wq", q), ("wk", k), ("wv", v)):
-                state[f"blocks.{layer}.attn.{part}.{suffix}"] = torch.from_numpy(np.ascontiguousarray(value))
-            continue
         name = our_name(t.name)
         if name is None:
             if t.name.startswith("rope_freqs"):
@@ -135,7 +129,7 @@ def read_state_dict(reader, config: GPTConfig, path: str) -> dict[str, torch.Ten
         elif config.arch == "llama" and ".attn.wk." in name:
             w = unpermute(w, config.n_kv_head)
         state[name] = torch.from_numpy(w)
-    return state
+    return fuse_projections(state, config.n_layer)
 
 
 def load_gguf(path: str):

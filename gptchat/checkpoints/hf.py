@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError
-from ..model import GPTConfig
+from ..model import GPTConfig, fuse_projections
 
 SUPPORTED = {"gpt2": "gpt2", "llama": "llama", "qwen2": "llama"}
 
@@ -80,6 +80,8 @@ GPT2_RULES = [  # (pattern on the HF name without "transformer.", our name, tran
     (r"wpe\.weight", "pos_emb.weight", False),
     (r"h\.(\d+)\.ln_1\.(weight|bias)", r"blocks.\1.attn_norm.\2", False),
     (r"h\.(\d+)\.ln_2\.(weight|bias)", r"blocks.\1.mlp_norm.\2", False),
+    (r"h\.(\d+)\.attn\.c_attn\.weight", r"blocks.\1.attn.wqkv.weight", True),  # fused, rows [q; k; v]
+    (r"h\.(\d+)\.attn\.c_attn\.bias", r"blocks.\1.attn.wqkv.bias", False),
     (r"h\.(\d+)\.attn\.c_proj\.weight", r"blocks.\1.attn.wo.weight", True),
     (r"h\.(\d+)\.attn\.c_proj\.bias", r"blocks.\1.attn.wo.bias", False),
     (r"h\.(\d+)\.mlp\.c_fc\.weight", r"blocks.\1.mlp.w_up.weight", True),
@@ -105,20 +107,13 @@ LLAMA_RULES = [
 ]
 
 
-def rename(hf_state: dict[str, torch.Tensor], arch: str, path: Path) -> dict[str, torch.Tensor]:
+def rename(hf_state: dict[str, torch.Tensor], arch: str, n_layer: int, path: Path) -> dict[str, torch.Tensor]:
     state = {}
     for name, tensor in hf_state.items():
         short = re.sub(r"^(transformer|model)\.", "", name)
         if arch == "gpt2":
             if re.fullmatch(r"h\.\d+\.attn\.(bias|masked_bias)", short):
                 continue  # old causal-mask buffers, not weights
-            m = re.fullmatch(r"h\.(\d+)\.attn\.c_attn\.(weight|bias)", short)
-            if m:  # fused q, k, v
-                layer, kind = m.groups()
-                t = tensor.t() if kind == "weight" else tensor
-                for part, chunk in zip(("wq", "wk", "wv"), t.chunk(3, dim=0)):
-                    state[f"blocks.{layer}.attn.{part}.{kind}"] = chunk.contiguous()
-                continue
             rules = GPT2_RULES
         else:
             rules = [(p, r, False) for p, r in LLAMA_RULES]
@@ -129,7 +124,7 @@ def rename(hf_state: dict[str, torch.Tensor], arch: str, path: Path) -> dict[str
         else:
             if "rotary_emb" not in short:
                 raise ModelLoadError(f"{path}: unexpected tensor {name!r} in a {arch} checkpoint")
-    return state
+    return fuse_projections(state, n_layer)
 
 
 def load_hf(directory: Path):
@@ -146,7 +141,7 @@ def load_hf(directory: Path):
     hf_state = {}
     for f in files:
         hf_state.update(load_file(str(f)))
-    state = rename(hf_state, config.arch, directory)
+    state = rename(hf_state, config.arch, config.n_layer, directory)
     if not (directory / "tokenizer.json").exists():
         raise ModelLoadError(f"{directory}: no tokenizer.json")
     tokenizer = Tokenizer.from_file(directory)
