@@ -399,3 +399,37 @@ def test_missing_default_model_says_how_to_install_it(error_runs):
         assert "--model" in r.stderr, describe(r)
         assert "not installed" in r.stderr or "missing" in r.stderr, describe(r)
 
+
+
+# --- Ctrl-C ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_reply_but_not_the_chat(model_cache, tmp_path):
+    """SIGINT during a reply ends that reply (kept, marked [stopped]); the chat goes on to the next line."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptchat.cli", "chat", "--temperature", "0", "--max-new-tokens", "400"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
+        env=cli_env(model_cache), cwd=tmp_path,
+    )
+    try:
+        proc.stdin.write("Write a very long story about a dragon who learns to cook.\n")
+        proc.stdin.flush()
+        first = proc.stdout.read(1)  # the reply has begun streaming
+        assert first, proc.stderr.read()
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate("/save chat.json\n/exit\n", timeout=TIMEOUT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err, err
+    assert "[stopped]" in out, out
+    turns = messages_of(tmp_path / "chat.json")
+    assert [m["role"] for m in turns] == ["user", "assistant"]
+    # the saved reply is what was shown (stdout's first characters went to the read above and its buffer)
+    shown = out.split(" [stopped]")[0]
+    assert turns[1]["content"].startswith(first) and turns[1]["content"].endswith(shown)
