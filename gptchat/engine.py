@@ -21,6 +21,7 @@ from .sampling import SamplingParams, TokenSampler
 from .streaming import IncrementalDetokenizer, StopStringMatcher
 
 PREFILL_CHUNK = 512  # long prompts are prefilled in chunks so attention scores stay small
+CACHE_START = 1024  # positions allocated up front; the KV cache doubles when a sequence outgrows it
 
 
 @dataclass
@@ -118,7 +119,7 @@ class Engine:
     def _prefill(self, prompt_ids: list[int], total: int) -> torch.Tensor:
         """Run the prompt through the model, reusing the cached prefix; return the last position's logits."""
         if self._cache is None:
-            self._cache = KVCache(self.lm.config, 1, total)
+            self._cache = KVCache(self.lm.config, 1, min(total, CACHE_START))
         shared = 0
         for a, b in zip(self._cached_ids, prompt_ids):
             if a != b:
@@ -127,7 +128,6 @@ class Engine:
         shared = min(shared, len(prompt_ids) - 1)  # at least one token must run to give logits
         self._cache.truncate(shared)
         self._cached_ids = self._cached_ids[:shared]
-        self._cache.reserve(total)
         for start in range(shared, len(prompt_ids), PREFILL_CHUNK):
             chunk = prompt_ids[start : start + PREFILL_CHUNK]
             logits = self.model(torch.tensor([chunk]), cache=self._cache, last_only=True)
@@ -183,7 +183,7 @@ class Engine:
         ids = torch.tensor([[pad] * (longest - len(p)) + list(p) for p in prompts])
         key_mask = torch.tensor([[False] * (longest - len(p)) + [True] * len(p) for p in prompts])
         positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
-        cache = KVCache(self.lm.config, len(prompts), longest + max(o.budget for o in outs))
+        cache = KVCache(self.lm.config, len(prompts), min(longest + max(o.budget for o in outs), CACHE_START))
         logits = self.model(ids, cache=cache, positions=positions, key_mask=key_mask, last_only=True)[:, -1]
         live = list(range(len(prompts)))  # which sequence each batch row holds
         while True:
