@@ -116,6 +116,10 @@ def cmd_chat(args) -> int:
     session = ChatSession(Engine(lm), Conversation.with_system(args.system), params)
     interactive = sys.stdin.isatty()
     if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
         print(f"Chatting with {lm.name} ({lm.config.max_seq_len} tokens of context). /help for commands.", file=sys.stderr)
     while True:
         try:
