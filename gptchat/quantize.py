@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import InvalidParameterError
+
 QUANT_MODES = ("none", "int8")
 SMALL_BATCH = 16  # at most this many rows go through the int8 kernel; more are dequantized
 
@@ -88,7 +90,7 @@ def resolve_mode(mode: str | None) -> str:
     if mode in (None, "auto"):
         return "int8" if int8_kernel_available() else "none"
     if mode not in QUANT_MODES:
-        raise ValueError(f"unknown quantization {mode!r} (known: auto, {', '.join(QUANT_MODES)})")
+        raise InvalidParameterError("quant", f"unknown quantization {mode!r} (known: auto, {', '.join(QUANT_MODES)})")
     return mode
 
 

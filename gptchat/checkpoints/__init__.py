@@ -127,7 +127,7 @@ def build_model(config: GPTConfig, state: dict[str, torch.Tensor], source: str, 
     return model.eval().requires_grad_(False)
 
 
-def load_gguf_cached(path: Path, quant: str, use_cache: bool) -> GPT:
+def load_gguf_cached(path: Path, quant: str, use_cache: bool) -> tuple[GPT, "Tokenizer", dict]:
     """A GGUF is slow to read (metadata parsing, dequantization): convert it once, then memory-map."""
     if not use_cache:
         config, state, tokenizer, info = load_gguf(str(path))
