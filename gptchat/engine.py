@@ -50,7 +50,7 @@ class SequenceOutput:
         self.budget = budget
         self.stop_ids = set(engine.tokenizer.eos_ids) | set(params.stop_token_ids)
         self.sampler = TokenSampler(params, prompt_ids, engine.vocab_size)
-        self.detok = IncrementalDetokenizer(engine.decode)
+        self.detok = IncrementalDetokenizer(engine.decode, prompt_ids)  # the prompt gives the first token its spacing
         self.stopper = StopStringMatcher(params.stop)
         self.parts: list[str] = []
         self.tokens: list[int] = []
