@@ -1,0 +1,12 @@
+"""An OpenAI-compatible HTTP server: `create_app(lm)` gives a FastAPI app; `gptchat serve` runs it.
+
+    app.py         the routes: /v1/chat/completions, /v1/completions, /v1/models, /tokenize, /health
+    protocol.py    request bodies (pydantic) and the OpenAI response and chunk shapes
+    generation.py  the one place generation runs: a shared Engine behind a lock, in a worker thread
+    errors.py      every failure as an OpenAI error object {"error": {message, type, param, code}}
+    auth.py        the bearer API key
+"""
+
+from .app import create_app
+
+__all__ = ["create_app"]

@@ -1,0 +1,189 @@
+"""The training loop: a tiny model overfits, resume is bit-exact, checkpoints load and chat, and the CLI
+runs tokenizer train -> pretrain -> sft -> generate end to end.
+
+Models here are 2 layers of width 64 on a tokenizer trained in the test; every run is seconds.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import gptchat
+from gptchat.checkpoints.native import save_native
+from gptchat.data import DialogueData, TextData, prepare_text
+from gptchat.errors import ModelLoadError
+from gptchat.model import GPT
+from gptchat.tokenizer import Tokenizer
+from gptchat.tokenizer_train import train_tokenizer
+from gptchat.train import TrainSettings, checkpoints, lr_at, model_config, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = "".join(f"The cat number {i % 7} sat on the mat, and the dog ran in the park. " for i in range(120))
+CHATS = [
+    {"messages": [{"role": "user", "content": "Where is the cat?"}, {"role": "assistant", "content": "On the mat."}]},
+    {"conversations": [{"from": "human", "value": "Where is the dog?"}, {"from": "gpt", "value": "In the park."}]},
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """(directory, tokenizer, prepared shard directory)."""
+    d = tmp_path_factory.mktemp("corpus")
+    (d / "corpus.txt").write_text(TEXT)
+    tok, _ = train_tokenizer([d / "corpus.txt"], 320)
+    tok.save(d / "tok")
+    tok = Tokenizer.from_file(d / "tok")
+    prepare_text([d / "corpus.txt"], tok, d / "shards", val_fraction=0.05)
+    return d, tok, d / "shards"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Models this small run fastest on one thread (two fight over a shared 2-core machine)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny_model(tok, seq_len=32, seed=0):
+    torch.manual_seed(seed)
+    return GPT(model_config(tok.vocab_size, seq_len, depth=2, width=64, heads=2))
+
+
+def quiet(_line):
+    pass
+
+
+def test_two_layer_model_overfits_a_short_text(corpus, tmp_path):
+    _, tok, shards = corpus
+    data = TextData(shards, batch_size=8, seq_len=32, seed=0)
+    s = TrainSettings(out=str(tmp_path / "run"), steps=150, lr=3e-3, warmup=10, weight_decay=0.0, log_every=1000)
+    last = train(tiny_model(tok), tok, data, s, log=quiet)
+    # from ln(320) = 5.8 nats at the start; the text repeats, so a model that learns it goes far below 1
+    assert last["loss"] < 0.8, last
+    assert last["val_loss"] < 1.0 and last["val_bpb"] > 0
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["step"] == 0 and lines[0]["val_loss"] > 5  # before training
+    assert [r["step"] for r in lines[1:]] == list(range(1, 151))
+
+
+def test_schedule_warms_up_then_decays():
+    s = TrainSettings(out="x", steps=100, lr=1.0, warmup=10, min_lr_ratio=0.1)
+    assert lr_at(0, s) == pytest.approx(0.1) and lr_at(9, s) == pytest.approx(1.0)
+    assert lr_at(10, s) == pytest.approx(1.0) and lr_at(100, s) == pytest.approx(0.1)
+    assert all(lr_at(i, s) >= lr_at(i + 1, s) for i in range(10, 100))
+
+
+def test_resume_is_bit_identical(corpus, tmp_path):
+    _, tok, shards = corpus
+    data = TextData(shards, batch_size=4, seq_len=32, seed=3)
+
+    def settings(name):
+        return TrainSettings(out=str(tmp_path / name), steps=12, lr=2e-3, warmup=3, grad_accum=2, save_every=4,
+                             keep=2, seed=3, log_every=1000)
+
+    train(tiny_model(tok, seed=5), tok, data, settings("straight"), log=quiet)
+    # interrupted after step 6: the newest checkpoint is step 4, steps 5-6 are lost and redone
+    train(tiny_model(tok, seed=5), tok, data, settings("resumed"), log=quiet, stop_after=6)
+    assert [p.name for p in checkpoints(tmp_path / "resumed")] == ["step-000004"]
+    assert not (tmp_path / "resumed" / "model").exists()
+    metrics = tmp_path / "resumed" / "metrics.jsonl"
+    train(tiny_model(tok, seed=99), tok, data, settings("resumed"), log=quiet, resume=True)
+
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(13))  # the redone steps 5-6 are logged once
+    a = gptchat.load_model(tmp_path / "straight" / "model").model.state_dict()
+    b = gptchat.load_model(tmp_path / "resumed" / "model").model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    opt_a = torch.load(tmp_path / "straight" / "step-000012" / "optimizer.pt")
+    opt_b = torch.load(tmp_path / "resumed" / "step-000012" / "optimizer.pt")
+    for i, st in opt_a["state"].items():
+        assert torch.equal(st["exp_avg"], opt_b["state"][i]["exp_avg"])
+    # the last K (= 2) checkpoints are kept, and no temporary directory is left behind
+    assert [p.name for p in checkpoints(tmp_path / "straight")] == ["step-000008", "step-000012"]
+    assert not list((tmp_path / "straight").glob(".*"))
+
+
+def test_checkpoint_loads_and_generates(corpus, tmp_path):
+    _, tok, shards = corpus
+    data = TextData(shards, batch_size=8, seq_len=32, seed=0)
+    train(tiny_model(tok), tok, data, TrainSettings(out=str(tmp_path / "r"), steps=20, lr=3e-3, log_every=1000), log=quiet)
+    for path in (tmp_path / "r" / "model", checkpoints(tmp_path / "r")[-1]):
+        lm = gptchat.load_model(path)
+        assert lm.config.n_layer == 2 and lm.tokenizer.chat_template
+        engine = gptchat.Engine(lm)
+        result = engine.generate(engine.encode("The cat"), gptchat.SamplingParams(temperature=0, max_new_tokens=8))
+        assert result.completion_tokens > 0 and isinstance(result.text, str)
+
+
+def test_sft_trains_on_dialogues_and_refuses_int8(corpus, tmp_path):
+    d, tok, shards = corpus
+    base = tmp_path / "base"
+    model = tiny_model(tok, seq_len=64)
+    save_native(base, model.config, model.state_dict(), tok)
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps(c) + "\n" for c in CHATS * 5))
+    lm = gptchat.load_model(base)
+    data = DialogueData([chats], lm.tokenizer, batch_size=4, max_len=64, seed=0, val_fraction=0.2)
+    last = train(lm.model, lm.tokenizer, data, TrainSettings(out=str(tmp_path / "sft"), steps=40, lr=3e-3, kind="sft",
+                                                             log_every=1000), log=quiet)
+    first = json.loads((tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()[0])
+    assert last["val_loss"] < first["val_loss"] / 2, (first, last)
+    out = gptchat.load_model(tmp_path / "sft" / "model")
+    assert json.loads((tmp_path / "sft" / "model" / "gptchat.json").read_text())["info"]["kind"] == "sft"
+    # int8 weights cannot be trained: loading them as float is refused
+    q = gptchat.load_model(base, quant="int8")
+    save_native(tmp_path / "int8", q.config, q.model.state_dict(), q.tokenizer)
+    with pytest.raises(ModelLoadError, match="int8"):
+        gptchat.load_model(tmp_path / "int8", quant="none")
+    assert out.config == lm.config
+
+
+def run_cli(*args, cwd):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", GPTCHAT_CACHE=str(cwd / "cache"))
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    r = subprocess.run([sys.executable, "-m", "gptchat.cli", *map(str, args)], cwd=cwd, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, f"{args}\n{r.stdout}\n{r.stderr}"
+    return r
+
+
+@pytest.mark.slow
+def test_cli_tokenizer_pretrain_sft_generate(tmp_path):
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in CHATS * 5))
+    r = run_cli("tokenizer", "train", "corpus.txt", "--vocab-size", "320", "--out", "tok", cwd=tmp_path)
+    assert "bytes per token" in r.stdout
+    small = ["--steps", "24", "--batch-size", "4", "--seq-len", "48", "--log-every", "8"]
+    r = run_cli("pretrain", "--data", "corpus.txt", "--tokenizer", "tok", "--out", "pt", "--depth", "2", "--width", "64",
+                "--heads", "2", "--save-every", "8", "--eval-every", "12", *small, cwd=tmp_path)
+    assert "val_bpb" in r.stderr and "tok/s" in r.stderr
+    r = run_cli("sft", "--model", "pt/model", "--data", "chats.jsonl", "--out", "sft", "--lr", "3e-3", *small, cwd=tmp_path)
+    assert "val_loss" in r.stderr
+    r = run_cli("generate", "--model", "sft/model", "--temperature", "0", "--max-new-tokens", "8", "Where is the cat?",
+                cwd=tmp_path)
+    assert r.stdout.strip()
+    # resuming a finished run changes nothing and still leaves the model
+    run_cli("pretrain", "--data", "corpus.txt", "--tokenizer", "tok", "--out", "pt", "--resume", *small, cwd=tmp_path)
+
+
+def test_sft_from_a_hugging_face_directory(tiny_llama_dir, tmp_path):
+    """Any model the engine loads is a base: here a transformers-saved Llama (untied head, GQA)."""
+    hf_dir, _ = tiny_llama_dir
+    lm = gptchat.load_model(hf_dir)
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps(c) + "\n" for c in CHATS * 3))
+    data = DialogueData([chats], lm.tokenizer, batch_size=2, max_len=64, seed=0, val_fraction=0.0)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    train(lm.model, lm.tokenizer, data, TrainSettings(out=str(tmp_path / "sft"), steps=3, lr=1e-3, kind="sft"), log=quiet)
+    out = gptchat.load_model(tmp_path / "sft" / "model")
+    assert out.config == lm.config and out.tokenizer.chat_template == lm.tokenizer.chat_template
+    assert not torch.equal(out.model.state_dict()["lm_head.weight"], before["lm_head.weight"])
