@@ -90,17 +90,22 @@ class Prompt:
     dropped: int  # how many of the oldest messages were left out to fit the context
 
 
+def prompt_ids(engine: Engine, messages: list[dict]) -> list[int]:
+    """The whole conversation under the model's chat template, ending with the reply's opening."""
+    tok = engine.tokenizer
+    text = render_chat(tok.chat_template, messages, add_generation_prompt=True,
+                       bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
+    return tok.encode(text, add_special_tokens=False)  # the template writes any BOS itself
+
+
 def build_prompt(engine: Engine, messages: list[dict], max_new_tokens: int) -> Prompt:
     """Render `messages` with the model's template; drop the oldest turns until the reply has room."""
-    tok = engine.tokenizer
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     turns = messages[len(system):]
     room = engine.context_length - max_new_tokens
     dropped = 0
     while True:
-        text = render_chat(tok.chat_template, system + turns, add_generation_prompt=True,
-                           bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
-        ids = tok.encode(text, add_special_tokens=False)  # the template writes any BOS itself
+        ids = prompt_ids(engine, system + turns)
         if len(ids) <= room:
             return Prompt(ids, dropped)
         if len(turns) <= 1:

@@ -50,15 +50,21 @@ def text_files(paths) -> list[Path]:
     return files
 
 
+def read_nonempty(path: Path) -> str:
+    """A file's UTF-8 text; a clear error naming the file when it is unreadable or empty."""
+    try:
+        content = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise GptchatError(f"{path}: cannot read as UTF-8 text ({e})") from None
+    if not content.strip():
+        raise GptchatError(f"{path}: empty file")
+    return content
+
+
 def read_texts(paths, field: str = "text"):
     """Yield (where, text) documents: a whole text file, or one JSONL line's `field`."""
     for f in text_files(paths):
-        try:
-            content = f.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise GptchatError(f"{f}: cannot read as UTF-8 text ({e})") from None
-        if not content.strip():
-            raise GptchatError(f"{f}: empty file")
+        content = read_nonempty(f)
         if f.suffix.lower() != ".jsonl":
             yield str(f), content
             continue
@@ -179,12 +185,7 @@ class TextData:
 def read_dialogues(path) -> list[list[dict]]:
     """Conversations from a JSONL file in OpenAI messages or ShareGPT format, as OpenAI messages."""
     path = Path(path)
-    try:
-        content = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise GptchatError(f"{path}: cannot read ({e})") from None
-    if not content.strip():
-        raise GptchatError(f"{path}: empty file")
+    content = read_nonempty(path)
     dialogues = []
     for n, line in enumerate(content.splitlines(), 1):
         if not line.strip():

@@ -20,22 +20,14 @@ from typing import AsyncIterator
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
+from ..chat import prompt_ids as chat_prompt_ids
 from ..checkpoints import LoadedModel
 from ..engine import Engine, SequenceOutput
-from ..templates import render_chat
 from . import errors
 from .auth import APIKeyMiddleware
 from .errors import APIError, from_exception
 from .generation import SerialGenerator
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, Shape, TokenizeRequest, now, usage
-
-
-def chat_prompt_ids(engine: Engine, messages: list[dict]) -> list[int]:
-    """The whole conversation under the model's chat template; unlike build_prompt, never drops turns."""
-    tok = engine.tokenizer
-    text = render_chat(tok.chat_template, messages, add_generation_prompt=True,
-                       bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
-    return tok.encode(text, add_special_tokens=False)  # the template writes any BOS itself
 
 
 def event(obj) -> str:
