@@ -7,6 +7,7 @@ line on stderr, `gptchat: error: ...`, and a non-zero exit; never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -382,6 +383,29 @@ def add_training_commands(sub):
     p.set_defaults(func=cmd_sft, val_fraction=0.1)
 
 
+def cmd_export(args) -> int:
+    from .checkpoints.export_hf import export_hf
+
+    lm = load(argparse.Namespace(model=args.model, quant="none", no_cache=args.no_cache))
+    out = export_hf(lm, args.out)
+    arch = json.loads((out / "config.json").read_text())["architectures"][0]
+    print(f"exported {lm.name} as {arch} (float32) to {out}")
+    return 0
+
+
+def add_export_command(sub):
+    p = sub.add_parser("export", help="export a model for transformers (Hugging Face format)",
+                       description="Write a Hugging Face model directory (config.json, model.safetensors, tokenizer "
+                       "with the chat template, generation_config.json) that transformers' AutoModelForCausalLM and "
+                       "AutoTokenizer load offline. Weights are float32 (a GGUF is dequantized).")
+    p.add_argument("--model", "-m", metavar="M", help="a gptchat checkpoint, .gguf file or Hugging Face directory "
+                   "(default: the default model)")
+    p.add_argument("--format", choices=("hf",), default="hf", help="hf: Hugging Face transformers (the only one for now)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the converted-model cache")
+    p.add_argument("out", metavar="OUT", help="the directory to write (replaced if it exists)")
+    p.set_defaults(func=cmd_export)
+
+
 def make_parser() -> Parser:
     parser = Parser(prog="gptchat", description="Build, run and chat with your own GPT.")
     parser.add_argument("--version", action="version", version=f"gptchat {__version__}")
@@ -421,6 +445,7 @@ def make_parser() -> Parser:
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=cmd_serve)
     add_training_commands(sub)
+    add_export_command(sub)
     return parser
 
 

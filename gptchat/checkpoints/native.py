@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,18 +29,15 @@ def is_native(directory: Path) -> bool:
     return (directory / MARKER).is_file()
 
 
-def save_native(directory: str | Path, config: GPTConfig, state: dict[str, torch.Tensor], tokenizer, info: dict | None = None):
-    """Write atomically: build in a sibling temp dir, then rename over `directory`."""
-    from safetensors.torch import save_file
-
+@contextmanager
+def atomic_directory(directory: str | Path):
+    """Yield a sibling temp directory to fill; on success it replaces `directory` (renames), on any
+    error it is removed. A reader sees the old directory or the new one, never half of one."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
-        tokenizer.save(tmp)
-        meta = {"format": "gptchat", "version": FORMAT_VERSION, "config": config.to_dict(), "info": info or {}}
-        (tmp / MARKER).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+        yield tmp
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old.{os.getpid()}")
             os.replace(directory, old)
@@ -50,6 +48,17 @@ def save_native(directory: str | Path, config: GPTConfig, state: dict[str, torch
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_native(directory: str | Path, config: GPTConfig, state: dict[str, torch.Tensor], tokenizer, info: dict | None = None):
+    """Write atomically: build in a sibling temp dir, then rename over `directory`."""
+    from safetensors.torch import save_file
+
+    with atomic_directory(directory) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+        tokenizer.save(tmp)
+        meta = {"format": "gptchat", "version": FORMAT_VERSION, "config": config.to_dict(), "info": info or {}}
+        (tmp / MARKER).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
 def load_native(directory: Path):
