@@ -239,12 +239,15 @@ def add_training_flags(p: argparse.ArgumentParser, *, steps: int, lr: float, seq
     g = p.add_argument_group("training")
     g.add_argument("--out", "-o", required=True, metavar="DIR", help="checkpoints, metrics.jsonl and the final model (DIR/model)")
     g.add_argument("--steps", type=int, default=steps, metavar="N", help=f"optimizer steps (default {steps})")
-    g.add_argument("--batch-size", type=int, default=8, metavar="B", help="sequences per micro-batch (default 8)")
+    g.add_argument("--batch-size", type=int, default=8, metavar="B", help="sequences per micro-batch, over all "
+                   "processes under torchrun (default 8)")
     g.add_argument("--grad-accum", type=int, default=1, metavar="K", help="micro-batches per step (default 1)")
     g.add_argument("--seq-len", type=int, default=seq_len, metavar="T",
                    help=f"tokens per sequence (default {seq_len or 'the model context, at most 512'})")
     g.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
-    g.add_argument("--min-lr-ratio", type=float, default=0.1, metavar="R", help="cosine decays to R x lr (default 0.1)")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, metavar="R", help="the decay ends at R x lr (default 0.1)")
+    g.add_argument("--schedule", choices=("cosine", "linear"), default="cosine",
+                   help="learning-rate decay after the warm-up (default cosine)")
     g.add_argument("--warmup", type=int, default=0, metavar="N", help="linear warm-up steps (default 0)")
     g.add_argument("--weight-decay", type=float, default=0.1, metavar="W", help="AdamW weight decay (default 0.1)")
     g.add_argument("--grad-clip", type=float, default=1.0, metavar="C", help="clip the gradient norm (0: off; default 1)")
@@ -256,10 +259,20 @@ def add_training_flags(p: argparse.ArgumentParser, *, steps: int, lr: float, seq
     g.add_argument("--seed", type=int, default=0, help="data order and initialisation (default 0)")
     g.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint in --out")
     g.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
+    g.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="bf16: autocast matmuls to bfloat16; auto: bf16 where the hardware runs it fast (CUDA, or a CPU "
+                   "with AVX-512 BF16 / AMX), else fp32")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (falls back to eager if it fails)")
+    g.add_argument("--sample-prompt", action="append", metavar="TEXT", help="greedy samples of this prompt at each "
+                   "checkpoint, to samples.jsonl (repeatable; default: two fixed prompts)")
+    g.add_argument("--sample-tokens", type=int, default=32, metavar="N", help="tokens per sample (0: no samples)")
 
 
-def train_settings(args, kind: str):
-    from .train import TrainSettings
+SAMPLE_PROMPTS = {"pretrain": ("The", "Once upon a time"), "sft": ("Hello! Who are you?", "What is the capital of France?")}
+
+
+def train_settings(args, kind: str, device: str):
+    from .train import TrainSettings, resolve_dtype
 
     for name in ("steps", "batch_size", "grad_accum", "seq_len"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -267,7 +280,9 @@ def train_settings(args, kind: str):
     return TrainSettings(out=args.out, steps=args.steps, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup,
                          weight_decay=args.weight_decay, grad_accum=args.grad_accum, grad_clip=args.grad_clip,
                          eval_every=args.eval_every, save_every=args.save_every, keep=args.keep,
-                         log_every=args.log_every, seed=args.seed, kind=kind)
+                         log_every=args.log_every, seed=args.seed, kind=kind, schedule=args.schedule,
+                         dtype=resolve_dtype(args.dtype, device), compile=args.compile,
+                         sample_prompts=tuple(args.sample_prompt or SAMPLE_PROMPTS[kind]), sample_tokens=args.sample_tokens)
 
 
 def train_device(name: str) -> str:
@@ -289,12 +304,14 @@ def cmd_pretrain(args) -> int:
     import json
     from pathlib import Path
 
+    from . import distributed
     from .data import TextData, prepare_text
     from .model import GPT, GPTConfig
     from .tokenizer import Tokenizer
     from .train import checkpoints, model_config, train
 
-    s = train_settings(args, "pretrain")
+    device = distributed.setup(train_device(args.device))
+    s = train_settings(args, "pretrain", device)
     tok = Tokenizer.from_file(args.tokenizer)
     found = checkpoints(Path(args.out)) if args.resume else []
     if args.resume and not found:
@@ -304,41 +321,51 @@ def cmd_pretrain(args) -> int:
     else:
         config = model_config(tok.vocab_size, args.seq_len, preset=args.preset, depth=args.depth, width=args.width,
                               heads=args.heads, arch=args.arch)
-    meta = prepare_text(args.data, tok, Path(args.out) / "data", val_fraction=args.val_fraction, field=args.text_field)
-    print(f"data: {meta['train_tokens']:,} training and {meta['val_tokens']:,} validation tokens", file=sys.stderr)
+    with distributed.main_first():  # one process tokenises, the others find the shards ready
+        meta = prepare_text(args.data, tok, Path(args.out) / "data", val_fraction=args.val_fraction, field=args.text_field)
+    if distributed.is_main():
+        print(f"data: {meta['train_tokens']:,} training and {meta['val_tokens']:,} validation tokens", file=sys.stderr)
     data = TextData(Path(args.out) / "data", args.batch_size, config.max_seq_len, seed=args.seed)
     import torch
 
     torch.manual_seed(args.seed)
     model = GPT(config)
-    print(f"model: {config.arch}, {config.n_layer} layers, width {config.n_embd}, {config.n_head} heads, "
-          f"{model.num_parameters():,} parameters", file=sys.stderr)
-    train(model, tok, data, s, resume=args.resume, device=train_device(args.device), info={"name": Path(args.out).name})
+    if distributed.is_main():
+        print(f"model: {config.arch}, {config.n_layer} layers, width {config.n_embd}, {config.n_head} heads, "
+              f"{model.num_parameters():,} parameters; {s.dtype} on {device}"
+              + (f" x {distributed.world_size()} processes" if distributed.world_size() > 1 else ""), file=sys.stderr)
+    train(model, tok, data, s, resume=args.resume, device=device, info={"name": Path(args.out).name})
+    distributed.teardown()
     return 0
 
 
 def cmd_sft(args) -> int:
     from pathlib import Path
 
+    from . import distributed
     from .checkpoints import load_model
     from .data import DialogueData
     from .train import checkpoints, train
 
-    s = train_settings(args, "sft")
+    device = distributed.setup(train_device(args.device))
+    s = train_settings(args, "sft", device)
     found = checkpoints(Path(args.out)) if args.resume else []
     if args.resume and not found:
         raise GptchatError(f"--resume: no checkpoint in {args.out}")
     if found:  # weights come from the checkpoint; the base only needs building
         lm = load_model(found[-1], quant="none")
     else:
-        lm = load(argparse.Namespace(model=args.model, quant="none", no_cache=args.no_cache))
+        with distributed.main_first():  # one process converts a GGUF into the cache, the others read it
+            lm = load(argparse.Namespace(model=args.model, quant="none", no_cache=args.no_cache))
     seq_len = min(args.seq_len or 512, lm.config.max_seq_len)
     data = DialogueData(args.data, lm.tokenizer, args.batch_size, seq_len, seed=args.seed, val_fraction=args.val_fraction)
-    print(f"data: {len(data.train)} training and {len(data.val)} validation conversations"
-          + (f"; {data.skipped} skipped (longer than {seq_len} tokens even after truncation)" if data.skipped else ""),
-          file=sys.stderr)
-    train(lm.model, lm.tokenizer, data, s, resume=args.resume, device=train_device(args.device),
+    if distributed.is_main():
+        print(f"data: {len(data.train)} training and {len(data.val)} validation conversations"
+              + (f"; {data.skipped} skipped (longer than {seq_len} tokens even after truncation)" if data.skipped else ""),
+              file=sys.stderr)
+    train(lm.model, lm.tokenizer, data, s, resume=args.resume, device=device,
           info={"name": Path(args.out).name, "base": lm.source})
+    distributed.teardown()
     return 0
 
 
