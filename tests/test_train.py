@@ -20,7 +20,7 @@ from gptchat.errors import ModelLoadError
 from gptchat.model import GPT
 from gptchat.tokenizer import Tokenizer
 from gptchat.tokenizer_train import train_tokenizer
-from gptchat.train import TrainSettings, checkpoints, lr_at, model_config, train
+from gptchat.train import TrainSettings, checkpoints, cpu_has_fast_bf16, lr_at, model_config, resolve_dtype, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "".join(f"The cat number {i % 7} sat on the mat, and the dog ran in the park. " for i in range(120))
@@ -78,6 +78,62 @@ def test_schedule_warms_up_then_decays():
     assert lr_at(0, s) == pytest.approx(0.1) and lr_at(9, s) == pytest.approx(1.0)
     assert lr_at(10, s) == pytest.approx(1.0) and lr_at(100, s) == pytest.approx(0.1)
     assert all(lr_at(i, s) >= lr_at(i + 1, s) for i in range(10, 100))
+    linear = TrainSettings(out="x", steps=100, lr=1.0, warmup=10, min_lr_ratio=0.1, schedule="linear")
+    assert lr_at(9, linear) == pytest.approx(1.0) and lr_at(100, linear) == pytest.approx(0.1)
+    assert lr_at(55, linear) == pytest.approx(0.55)  # halfway down, in a straight line
+    assert lr_at(55, s) == pytest.approx(0.55)  # cosine passes the same midpoint...
+    assert lr_at(30, linear) < lr_at(30, s)  # ...but stays higher before it
+
+
+def test_dtype_auto_is_bf16_only_where_it_is_fast():
+    assert resolve_dtype("auto", "cpu") == ("bf16" if cpu_has_fast_bf16() else "fp32")
+    assert resolve_dtype("bf16", "cpu") == "bf16" and resolve_dtype("fp32", "cpu") == "fp32"
+
+
+def test_bf16_samples_and_progress_bar(corpus, tmp_path, capsys):
+    """bf16 autocast trains (the loss falls); each checkpoint appends greedy samples; the bar shows tok/s."""
+    _, tok, shards = corpus
+    data = TextData(shards, batch_size=8, seq_len=32, seed=0)
+    s = TrainSettings(out=str(tmp_path / "r"), steps=20, lr=3e-3, save_every=10, dtype="bf16",
+                      sample_prompts=("The cat", "the dog"), sample_tokens=6)
+    last = train(tiny_model(tok), tok, data, s, progress=True)
+    first = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
+    assert last["val_loss"] < first["val_loss"] - 1.0
+    samples = [json.loads(line) for line in (tmp_path / "r" / "samples.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["prompt"]) for r in samples] == [(10, "The cat"), (10, "the dog"), (20, "The cat"), (20, "the dog")]
+    assert all(isinstance(r["sample"], str) and r["sample"] for r in samples)
+    err = capsys.readouterr().err
+    assert "20/20" in err and "tok_s=" in err and "sample @20: 'The cat' -> " in err
+
+
+def test_an_interrupted_checkpoint_write_leaves_the_previous_one(corpus, tmp_path, monkeypatch):
+    """The process dies while writing step 8 (here: the optimizer file fails half-written): step 4 stays
+    the newest complete checkpoint, it loads, and --resume continues from it."""
+    _, tok, shards = corpus
+    data = TextData(shards, batch_size=4, seq_len=32, seed=0)
+    s = TrainSettings(out=str(tmp_path / "r"), steps=12, lr=2e-3, save_every=4, keep=3)
+    real_save, calls = torch.save, []
+
+    def dying_save(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) == 2:
+            Path(f).write_bytes(b"PK\x03\x04 half a file")
+            raise KeyboardInterrupt  # as a Ctrl-C or a kill in the middle of the write
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_model(tok), tok, data, s, log=quiet)
+    monkeypatch.setattr(torch, "save", real_save)
+    out = tmp_path / "r"
+    assert [p.name for p in checkpoints(out)] == ["step-000004"]
+    assert not (out / "step-000008").exists() and (out / ".tmp-step-000008").is_dir()  # the torn write
+    lm = gptchat.load_model(out / "step-000004")
+    assert json.loads((out / "step-000004" / "gptchat.json").read_text())["info"]["step"] == 4
+    assert lm.config.n_layer == 2
+    train(tiny_model(tok, seed=9), tok, data, s, log=quiet, resume=True)
+    assert [p.name for p in checkpoints(out)] == ["step-000004", "step-000008", "step-000012"]
+    assert not list(out.glob(".tmp-*"))
 
 
 def test_resume_is_bit_identical(corpus, tmp_path):
@@ -165,12 +221,16 @@ def test_cli_tokenizer_pretrain_sft_generate(tmp_path):
     small = ["--steps", "24", "--batch-size", "4", "--seq-len", "48", "--log-every", "8"]
     r = run_cli("pretrain", "--data", "corpus.txt", "--tokenizer", "tok", "--out", "pt", "--depth", "2", "--width", "64",
                 "--heads", "2", "--save-every", "8", "--eval-every", "12", *small, cwd=tmp_path)
-    assert "val_bpb" in r.stderr and "tok/s" in r.stderr
-    r = run_cli("sft", "--model", "pt/model", "--data", "chats.jsonl", "--out", "sft", "--lr", "3e-3", *small, cwd=tmp_path)
+    assert "val_bpb" in r.stderr and "tok/s" in r.stderr and "sample @24: 'The' -> " in r.stderr
+    assert len((tmp_path / "pt" / "samples.jsonl").read_text().splitlines()) == 3 * 2  # 2 prompts at steps 8, 16, 24
+    r = run_cli("sft", "--model", "pt/model", "--data", "chats.jsonl", "--out", "sft", "--lr", "3e-3", "--schedule", "linear",
+                *small, cwd=tmp_path)
     assert "val_loss" in r.stderr
     r = run_cli("generate", "--model", "sft/model", "--temperature", "0", "--max-new-tokens", "8", "Where is the cat?",
                 cwd=tmp_path)
     assert r.stdout.strip()
+    r = run_cli("export", "--model", "sft/model", "--format", "hf", "hf", cwd=tmp_path)
+    assert "LlamaForCausalLM" in r.stdout and (tmp_path / "hf" / "model.safetensors").is_file()
     # resuming a finished run changes nothing and still leaves the model
     run_cli("pretrain", "--data", "corpus.txt", "--tokenizer", "tok", "--out", "pt", "--resume", *small, cwd=tmp_path)
 
