@@ -224,7 +224,7 @@ def gsm8k(lm, path, *, limit: int | None = None, max_new_tokens: int = 256, batc
     rows = []
     for i in range(0, len(problems), batch_size):
         batch = problems[i : i + batch_size]
-        prompts = [build_prompt(engine, [{"role": "user", "content": f"{q}\n\n{GSM8K_INSTRUCTION}"}], max_new_tokens).ids
+        prompts = [build_prompt(engine, [{"role": "user", "content": f"{q}\n\n{GSM8K_INSTRUCTION}"}], 1).ids
                    for q, _ in batch]
         for (q, ref), result in zip(batch, engine.generate_batch(prompts, params)):
             got = final_number(result.text)
@@ -242,7 +242,7 @@ def sample_chats(lm, max_new_tokens: int = 160) -> list[dict]:
     chats = []
     for use, system, user in SAMPLE_CHATS:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-        prompt = build_prompt(engine, messages, max_new_tokens).ids
+        prompt = build_prompt(engine, messages, 1).ids  # a reply may be cut short by the context's end
         result = engine.generate(prompt, params)
         chats.append({"use": use, "system": system, "user": user, "reply": result.text.strip(),
                       "finish_reason": result.finish_reason})
