@@ -4,7 +4,12 @@
     POST /v1/completions        prompt text -> continuation, streamed or whole
     GET  /v1/models             the one model served
     POST /tokenize              text or messages -> token ids
+    GET  /metrics               Prometheus text: requests, tokens, latencies, queue and batch (metrics.py)
     GET  /health                {"status": "ok"}, public
+
+Generation goes through `app.state.generator` (a continuous-batching Scheduler): `prepare(prompt_ids,
+params) -> SequenceOutput` validates, `stream(prompt_ids, out)` yields Deltas (closing it cancels) and
+`generate(prompt_ids, out)` returns the GenerationResult.
 
 A request is checked in full (model name, parameters, context room) before any output, so a client gets
 a proper 4xx instead of a stream that dies. Nothing is truncated: a prompt plus max_tokens beyond the
@@ -13,12 +18,14 @@ context is refused with both counts.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from contextlib import aclosing
-from typing import AsyncIterator
+from contextlib import aclosing, asynccontextmanager
+from typing import AsyncIterator, Sequence
 
 from fastapi import FastAPI
-from fastapi.responses import StreamingResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from ..chat import prompt_ids as chat_prompt_ids
 from ..checkpoints import LoadedModel
@@ -26,7 +33,9 @@ from ..engine import Engine, SequenceOutput
 from . import errors
 from .auth import APIKeyMiddleware
 from .errors import APIError, from_exception
-from .generation import SerialGenerator
+from .limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimit
+from .metrics import CONTENT_TYPE, Metrics, RequestCounter
+from .scheduler import Scheduler
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, Shape, TokenizeRequest, now, usage
 
 
@@ -47,17 +56,32 @@ class SSEResponse(StreamingResponse):
 
 
 def create_app(lm: LoadedModel, *, model_name: str | None = None, api_key: str | None = None,
-               max_tokens_cap: int | None = None) -> FastAPI:
+               max_tokens_cap: int | None = None, max_concurrency: int = 8, max_queue: int = 64,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, cors_origins: Sequence[str] = ()) -> FastAPI:
+    """The app. max_concurrency: sequences decoding together; max_queue: how many more may wait (then 429)."""
     engine = Engine(lm)
-    generator = SerialGenerator(engine)
+    metrics = Metrics()
+    generator = Scheduler(engine, max_concurrency=max_concurrency, max_queue=max_queue, metrics=metrics)
     served = model_name or lm.name
     started = now()
 
-    app = FastAPI(title="gptchat", version="0.1.0")
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        await asyncio.to_thread(generator.close)
+
+    app = FastAPI(title="gptchat", version="0.1.0", lifespan=lifespan)
     app.state.engine, app.state.generator, app.state.model_name = engine, generator, served
+    app.state.metrics = metrics
     errors.install(app)
+    # outermost last: CORS (answers preflights, which carry no key), counting, the key, the body limit
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    app.add_middleware(RequestCounter, metrics=metrics)
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],
+                           allow_headers=["*"])
 
     def check_model(name: str | None) -> None:
         """The served name or "default" (or none at all); anything else is a model we do not have."""
@@ -98,11 +122,21 @@ def create_app(lm: LoadedModel, *, model_name: str | None = None, api_key: str |
             return SSEResponse(stream_events(shape, prompt_ids, outs, include_usage, what),
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            results = [await generator.generate(prompt_ids, out) for out in outs]
+            collected = await asyncio.gather(*(collect(prompt_ids, out) for out in outs))
         except Exception as e:
             raise from_exception(e, what) from None
+        results = [r for r, _ in collected]
         use = usage(len(prompt_ids), sum(r.completion_tokens for r in results))
-        return shape.response([r.text for r in results], [r.finish_reason for r in results], use)
+        logprobs = [lp for _, lp in collected] if outs[0].logprobs else None
+        return shape.response([r.text for r in results], [r.finish_reason for r in results], use, logprobs)
+
+    async def collect(prompt_ids: list[int], out: SequenceOutput):
+        """Run one choice to its end (alongside the others: they share the batch); its result and logprobs."""
+        logprobs = []
+        async with aclosing(generator.stream(prompt_ids, out)) as deltas:
+            async for d in deltas:
+                logprobs += d.logprobs or []
+        return out.result(), logprobs
 
     async def stream_events(shape: Shape, prompt_ids: list[int], outs: list[SequenceOutput],
                             include_usage: bool, what: str) -> AsyncIterator[str]:
@@ -112,15 +146,19 @@ def create_app(lm: LoadedModel, *, model_name: str | None = None, api_key: str |
             for i, out in enumerate(outs):
                 if shape.chat:
                     yield event(shape.chunk(i, None, role=True, with_usage=include_usage))
+                offset = 0  # legacy logprobs count text offsets through the whole choice
                 async with aclosing(generator.stream(prompt_ids, out)) as deltas:
                     async for d in deltas:
+                        lp = shape.logprobs(d.logprobs, offset) if d.logprobs else None
+                        offset += sum(len(e["token"]) for e in d.logprobs or ())
                         if shape.chat:
-                            if d.text:
-                                yield event(shape.chunk(i, d.text, with_usage=include_usage))
+                            if d.text or lp:
+                                yield event(shape.chunk(i, d.text, with_usage=include_usage, logprobs=lp))
                             if d.finish_reason:
                                 yield event(shape.chunk(i, None, d.finish_reason, with_usage=include_usage))
-                        elif d.text or d.finish_reason:
-                            yield event(shape.chunk(i, d.text, d.finish_reason, with_usage=include_usage))
+                        elif d.text or d.finish_reason or lp:
+                            yield event(shape.chunk(i, d.text, d.finish_reason, with_usage=include_usage,
+                                                    logprobs=lp))
                 completion_tokens += out.result().completion_tokens
             if include_usage:
                 yield event(shape.usage_chunk(usage(len(prompt_ids), completion_tokens)))
@@ -170,6 +208,10 @@ def create_app(lm: LoadedModel, *, model_name: str | None = None, api_key: str |
         except Exception as e:
             raise from_exception(e) from None
         return {"tokens": ids, "count": len(ids)}
+
+    @app.get("/metrics")
+    async def get_metrics():
+        return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/health")
     async def health():
