@@ -207,7 +207,7 @@ class Shape:
             offsets.append(offset)
             offset += len(e["token"])
         return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-                "top_logprobs": [{e["token"]: e["logprob"], **{t["token"]: t["logprob"] for t in e["top_logprobs"]}}
+                "top_logprobs": [{**{t["token"]: t["logprob"] for t in e["top_logprobs"]}, e["token"]: e["logprob"]}
                                  for e in entries],
                 "text_offset": offsets}
 
