@@ -415,7 +415,8 @@ def make_parser() -> Parser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server",
-                       description="Serve the model over the OpenAI API (/v1/chat/completions, /v1/completions, ...).")
+                       description="Serve the model over the OpenAI API (/v1/chat/completions, /v1/completions, "
+                       "/v1/models, /tokenize, /metrics, /health) with continuous batching.")
     add_model_flags(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
