@@ -180,9 +180,30 @@ def test_seeds_are_reproducible_under_concurrency(client):
     assert together == alone and len(set(alone)) > 1
 
 
+def test_n_choices_stream_together(client):
+    kw = dict(model="tiny", messages=USER, max_tokens=12, temperature=1.0, seed=3, n=3)
+    whole = client.chat.completions.create(**kw)
+    texts = ["", "", ""]
+    finished = set()
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        (choice,) = chunk.choices
+        texts[choice.index] += choice.delta.content or ""
+        if choice.finish_reason:
+            finished.add(choice.index)
+    assert texts == [c.message.content for c in whole.choices] and finished == {0, 1, 2}
+
+
 def test_disconnect_frees_the_slot_within_a_second(slow_lm):
     with serving(create_app(slow_lm, api_key=KEY)) as url:
         disconnect_frees_the_slot(url, slow_lm)
+        # a client that gives up on a non-streaming request frees its slot too
+        body = {"messages": USER, "max_tokens": LONG, "temperature": 0, "logit_bias": no_eos(slow_lm)}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/chat/completions", json=body, headers=AUTH, timeout=0.5)
+        left = time.monotonic()
+        while metric(url, "gptchat_running_requests", AUTH) != 0:
+            assert time.monotonic() - left < 1.0, "the slot was not freed within a second"
+            time.sleep(0.02)
 
 
 def disconnect_frees_the_slot(url, lm):

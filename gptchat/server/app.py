@@ -23,9 +23,9 @@ import json
 from contextlib import aclosing, asynccontextmanager
 from typing import AsyncIterator, Sequence
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
 from ..chat import prompt_ids as chat_prompt_ids
 from ..checkpoints import LoadedModel
@@ -53,6 +53,43 @@ class SSEResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()
+
+
+async def merged(streams: list[AsyncIterator]) -> AsyncIterator[tuple]:
+    """(index, item) from several async iterators as items come; closing this closes them all."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, stream):
+        try:
+            async with aclosing(stream) as items:
+                async for item in items:
+                    await queue.put((i, item))
+        except Exception as e:
+            await queue.put((i, e))
+        finally:
+            await queue.put((i, StopAsyncIteration))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            i, item = await queue.get()
+            if item is StopAsyncIteration:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def client_gone(request: Request) -> None:
+    """Return when the client of a (non-streaming) request has disconnected."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.1)
 
 
 def create_app(lm: LoadedModel, *, model_name: str | None = None, api_key: str | None = None,
@@ -109,7 +146,7 @@ def create_app(lm: LoadedModel, *, model_name: str | None = None, api_key: str |
             return requested
         return min(ctx - prompt_len, max_tokens_cap or ctx, req.default_max_tokens or ctx)
 
-    async def complete(req: SamplingFields, prompt_ids: list[int], chat: bool):
+    async def complete(req: SamplingFields, prompt_ids: list[int], chat: bool, request: Request):
         what = "messages" if chat else "prompt"
         try:
             n_new = budget(req, len(prompt_ids), what)
@@ -121,8 +158,15 @@ def create_app(lm: LoadedModel, *, model_name: str | None = None, api_key: str |
         if req.stream:
             return SSEResponse(stream_events(shape, prompt_ids, outs, include_usage, what),
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        work = asyncio.ensure_future(asyncio.gather(*(collect(prompt_ids, out) for out in outs)))
+        left = asyncio.ensure_future(client_gone(request))
+        await asyncio.wait((work, left), return_when=asyncio.FIRST_COMPLETED)
+        left.cancel()
+        if not work.done():  # nobody is waiting for the answer: free the batch rows now
+            work.cancel()
+            return Response(status_code=499)
         try:
-            collected = await asyncio.gather(*(collect(prompt_ids, out) for out in outs))
+            collected = work.result()
         except Exception as e:
             raise from_exception(e, what) from None
         results = [r for r, _ in collected]
@@ -140,50 +184,49 @@ def create_app(lm: LoadedModel, *, model_name: str | None = None, api_key: str |
 
     async def stream_events(shape: Shape, prompt_ids: list[int], outs: list[SequenceOutput],
                             include_usage: bool, what: str) -> AsyncIterator[str]:
-        """OpenAI's chunks for each choice in turn, then usage if asked; an error ends the stream in-band."""
+        """OpenAI's chunks, the n choices' interleaved as they are decoded (together, in the batch), then usage
+        if asked; an error ends the stream in-band."""
         try:
-            completion_tokens = 0
-            for i, out in enumerate(outs):
-                if shape.chat:
+            if shape.chat:
+                for i in range(len(outs)):
                     yield event(shape.chunk(i, None, role=True, with_usage=include_usage))
-                offset = 0  # legacy logprobs count text offsets through the whole choice
-                async with aclosing(generator.stream(prompt_ids, out)) as deltas:
-                    async for d in deltas:
-                        lp = shape.logprobs(d.logprobs, offset) if d.logprobs else None
-                        offset += sum(len(e["token"]) for e in d.logprobs or ())
-                        if shape.chat:
-                            if d.text or lp:
-                                yield event(shape.chunk(i, d.text, with_usage=include_usage, logprobs=lp))
-                            if d.finish_reason:
-                                yield event(shape.chunk(i, None, d.finish_reason, with_usage=include_usage))
-                        elif d.text or d.finish_reason or lp:
-                            yield event(shape.chunk(i, d.text, d.finish_reason, with_usage=include_usage,
-                                                    logprobs=lp))
-                completion_tokens += out.result().completion_tokens
+            offsets = [0] * len(outs)  # legacy logprobs count text offsets through each whole choice
+            async with aclosing(merged([generator.stream(prompt_ids, out) for out in outs])) as deltas:
+                async for i, d in deltas:
+                    lp = shape.logprobs(d.logprobs, offsets[i]) if d.logprobs else None
+                    offsets[i] += sum(len(e["token"]) for e in d.logprobs or ())
+                    if shape.chat:
+                        if d.text or lp:
+                            yield event(shape.chunk(i, d.text, with_usage=include_usage, logprobs=lp))
+                        if d.finish_reason:
+                            yield event(shape.chunk(i, None, d.finish_reason, with_usage=include_usage))
+                    elif d.text or d.finish_reason or lp:
+                        yield event(shape.chunk(i, d.text, d.finish_reason, with_usage=include_usage, logprobs=lp))
             if include_usage:
+                completion_tokens = sum(out.result().completion_tokens for out in outs)
                 yield event(shape.usage_chunk(usage(len(prompt_ids), completion_tokens)))
         except Exception as e:
             yield event(from_exception(e, what).body())
         yield "data: [DONE]\n\n"
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
         req.refuse_unsupported()
         try:
             ids = chat_prompt_ids(engine, [m.as_dict() for m in req.messages])
         except Exception as e:
             raise from_exception(e) from None
-        return await complete(req, ids, chat=True)
+        return await complete(req, ids, chat=True, request=request)
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         req.refuse_unsupported()
         ids = engine.encode(req.text)
         if not ids:
             raise APIError(400, "The prompt is empty.", param="prompt", code="invalid_value")
-        return await complete(req, ids, chat=False)
+        return await complete(req, ids, chat=False, request=request)
 
     def model_card() -> dict:
         return {"id": served, "object": "model", "created": started, "owned_by": "gptchat"}
