@@ -27,6 +27,7 @@ from .streaming import IncrementalDetokenizer, StopStringMatcher
 
 PREFILL_CHUNK = 512  # long prompts are prefilled in chunks so attention scores stay small
 CACHE_START = 1024  # positions allocated up front; the KV cache doubles when a sequence outgrows it
+JOIN_HEADROOM = 128  # free positions a batch's cache gets when a row joins
 
 
 @dataclass
@@ -299,7 +300,8 @@ def _keep_rows(cache: KVCache, key_mask: torch.Tensor, rows: list[int]):
 def _stack_rows(a: KVCache, mask_a: torch.Tensor, b: KVCache, mask_b: torch.Tensor):
     """One cache holding the rows of `a` then those of `b`, right-aligned (the shorter is left-padded)."""
     width = max(a.length, b.length)
-    out = KVCache(a.config, a.batch_size + b.batch_size, width, dtype=a.dtype, device=a.device)
+    room = width + JOIN_HEADROOM  # so that the next steps do not reallocate at once
+    out = KVCache(a.config, a.batch_size + b.batch_size, room, dtype=a.dtype, device=a.device)
     mask = torch.zeros(out.batch_size, width, dtype=torch.bool)
     for src, src_mask, rows in ((a, mask_a, slice(0, a.batch_size)), (b, mask_b, slice(a.batch_size, None))):
         n = src.length

@@ -46,6 +46,20 @@ def serving(app):
         thread.join(10)
 
 
+def wait_until_serving(proc: subprocess.Popen, port: int, timeout: float = 60) -> str:
+    """Wait for a `gptchat serve` subprocess to answer /health; its base URL."""
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "gptchat serve did not start"
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return url
+        except httpx.TransportError:
+            time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
 def tiny_lm(tiny_llama_dir):
     return gptchat.load_model(tiny_llama_dir[0], quant="none")
@@ -256,16 +270,7 @@ def test_cli_serve(tiny_llama_dir):
            "--port", str(port), "--max-tokens-cap", "5", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "gptchat serve did not start"
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        url = wait_until_serving(proc, port)
         assert httpx.get(url + "/v1/models").status_code == 401
         auth = {"Authorization": f"Bearer {KEY}"}
         body = {"messages": USER, "temperature": 0}

@@ -8,7 +8,6 @@ concurrency test also runs on the real default model (slow). ~60 s without the s
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from gptchat.engine import DecodeBatch, Engine  # noqa: E402
 from gptchat.model import KVCache  # noqa: E402
 from gptchat.server import create_app  # noqa: E402
 from gptchat.server.scheduler import Scheduler  # noqa: E402
-from test_server import KEY, USER, error_of, free_port, serving  # noqa: E402
+from test_server import KEY, USER, error_of, free_port, serving, wait_until_serving  # noqa: E402
 
 LONG = 1500  # a reply that runs for seconds on the slowed tiny model: time to disconnect or to queue
 
@@ -361,16 +360,7 @@ def test_sigterm_ends_streams_cleanly_and_exits_0(long_dir, long_lm):
            "--port", str(port), "--shutdown-grace", "0", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "gptchat serve did not start"
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        url = wait_until_serving(proc, port)
         body = {"messages": USER, "max_tokens": 2000, "temperature": 0, "stream": True,
                 "logit_bias": no_eos(long_lm)}
         events = []
