@@ -99,11 +99,13 @@ def test_rows_joining_and_leaving_mid_batch_decode_as_alone(long_lm):
 
 
 def test_scheduler_requests_join_and_leave(long_lm):
-    """Through the Scheduler itself: a request that arrives while another runs gets its solo result. (~2 s)"""
+    """Through the Scheduler itself: requests that arrive while others run get their solo results. (~3 s)"""
     engine = Engine(long_lm)
     scheduler = Scheduler(engine, max_concurrency=4)
     bias = {i: -100 for i in long_lm.tokenizer.eos_ids}
-    jobs = [(list(range(5, 25)), 60), (list(range(40, 44)), 15), (list(range(7, 60)), 30)]
+    # the last prompt (1100 tokens) is prefilled in three chunks, between decode steps of the others
+    jobs = [(list(range(5, 25)), 60), (list(range(40, 44)), 15), (list(range(7, 60)), 30),
+            ((list(range(5, 380)) * 3)[:1100], 20)]
     alone = [engine.generate(p, SamplingParams(temperature=0, max_new_tokens=n, logit_bias=bias)).token_ids
              for p, n in jobs]
 
