@@ -35,8 +35,8 @@ from .auth import APIKeyMiddleware
 from .errors import APIError, from_exception
 from .limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimit
 from .metrics import CONTENT_TYPE, Metrics, RequestCounter
-from .scheduler import Scheduler
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, Shape, TokenizeRequest, now, usage
+from .scheduler import Scheduler
 
 
 def event(obj) -> str:
