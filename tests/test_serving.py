@@ -388,8 +388,8 @@ def test_sigterm_ends_streams_cleanly_and_exits_0(long_dir, long_lm):
 
 @pytest.mark.slow
 def test_16_concurrent_greedy_streams_on_the_default_model(default_lm):
-    """The real model: 16 greedy streams at once give their sequential texts. (~40 s on 2 idle cores; 160 s
-    on a loaded machine)"""
+    """The real model: 16 greedy streams at once give their sequential texts. (98 s measured on 2 cores under
+    a load average of 12, model load excluded)"""
     with serving(create_app(default_lm, max_concurrency=16)) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
         concurrent_equals_sequential(client, default_lm.name, 16, lambda i: 3 + i)
