@@ -219,19 +219,24 @@ def cmd_info(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import uvicorn
-
     from .server import create_app
+    from .server.run import serve
 
-    if args.max_tokens_cap is not None and args.max_tokens_cap < 1:
-        raise GptchatError(f"--max-tokens-cap must be >= 1 (got {args.max_tokens_cap})")
+    limits = (("--max-tokens-cap", args.max_tokens_cap, 1), ("--max-concurrency", args.max_concurrency, 1),
+              ("--max-queue", args.max_queue, 0), ("--max-body-bytes", args.max_body_bytes, 1),
+              ("--shutdown-grace", args.shutdown_grace, 0))
+    for flag, value, least in limits:
+        if value is not None and value < least:
+            raise GptchatError(f"{flag} must be >= {least} (got {value})")
     api_key = args.api_key or os.environ.get("GPTCHAT_API_KEY") or None
     lm = load(args)
-    app = create_app(lm, model_name=args.model_name, api_key=api_key, max_tokens_cap=args.max_tokens_cap)
+    app = create_app(lm, model_name=args.model_name, api_key=api_key, max_tokens_cap=args.max_tokens_cap,
+                     max_concurrency=args.max_concurrency, max_queue=args.max_queue,
+                     max_body_bytes=args.max_body_bytes, cors_origins=args.cors_origin)
     where = f"http://{args.host}:{args.port}/v1"
     print(f"gptchat: serving {app.state.model_name} at {where}" + (" (API key required)" if api_key else ""),
           file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    serve(app, host=args.host, port=args.port, log_level=args.log_level, grace=args.shutdown_grace)
     return 0
 
 
@@ -551,7 +556,8 @@ def make_parser() -> Parser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server",
-                       description="Serve the model over the OpenAI API (/v1/chat/completions, /v1/completions, ...).")
+                       description="Serve the model over the OpenAI API (/v1/chat/completions, /v1/completions, "
+                       "/v1/models, /tokenize, /metrics, /health) with continuous batching.")
     add_model_flags(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -559,6 +565,17 @@ def make_parser() -> Parser:
                    "else no key)")
     p.add_argument("--model-name", metavar="NAME", help="the name clients ask for (default: the model's own)")
     p.add_argument("--max-tokens-cap", type=int, metavar="N", help="most tokens one reply may ask for")
+    p.add_argument("--max-concurrency", type=int, default=8, metavar="N",
+                   help="sequences decoded together in the running batch (default 8)")
+    p.add_argument("--max-queue", type=int, default=64, metavar="N",
+                   help="sequences that may wait for a place in the batch; beyond that, 429 (default 64)")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, metavar="B",
+                   help="largest request body; beyond that, 413 (default 4 MiB)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="O",
+                   help="allow browser pages from origin O (repeatable; default: no CORS)")
+    p.add_argument("--shutdown-grace", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM, seconds running replies may take to finish before they are ended "
+                   "with an error (default 30)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=cmd_serve)
     add_training_commands(sub)

@@ -4,7 +4,12 @@
 stop string); `Engine.generate` collects them. The engine keeps the KV cache of its last sequence, so
 the next prompt only pays for the tokens after the prefix it shares with it: in a chat, each turn
 re-sends the whole history (the article's "input + previous reply -> next reply") but only the new
-message is computed. `Engine.generate_batch` decodes several prompts together, left-padded.
+message is computed. `Engine.generate_batch` decodes several prompts together, left-padded, in a
+`DecodeBatch`, which the server's scheduler also uses to let requests join and leave between steps.
+
+Log-probabilities (`SamplingParams(logprobs=True, top_logprobs=k)`) are those of the model's own
+distribution, log_softmax of the raw logits, before logit_bias, penalties and temperature (as vLLM
+reports by default): they say what the model thinks, whatever the sampler then did with it.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from .streaming import IncrementalDetokenizer, StopStringMatcher
 
 PREFILL_CHUNK = 512  # long prompts are prefilled in chunks so attention scores stay small
 CACHE_START = 1024  # positions allocated up front; the KV cache doubles when a sequence outgrows it
+JOIN_HEADROOM = 128  # free positions a batch's cache gets when a row joins
 
 
 @dataclass
@@ -31,6 +37,9 @@ class Delta:
     text: str
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (end-of-turn token or stop string) or "length"
+    # with SamplingParams.logprobs: one entry per token in token_ids, in the OpenAI chat shape
+    # {"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}, ...]}
+    logprobs: list[dict] | None = None
 
 
 @dataclass
@@ -52,6 +61,8 @@ class SequenceOutput:
         self.sampler = TokenSampler(params, prompt_ids, engine.vocab_size)
         self.detok = IncrementalDetokenizer(engine.decode, prompt_ids)  # the prompt gives the first token its spacing
         self.stopper = StopStringMatcher(params.stop)
+        self.tokenizer = engine.tokenizer
+        self.logprobs, self.top_logprobs = params.logprobs, params.top_logprobs
         self.parts: list[str] = []
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
@@ -63,7 +74,7 @@ class SequenceOutput:
             return self._finish(Delta(""), "stop")
         self.tokens.append(token)
         text, stopped = self.stopper.push(self.detok.push(token))
-        delta = Delta(text, [token])
+        delta = Delta(text, [token], logprobs=[self._logprob_entry(logits, token)] if self.logprobs else None)
         if stopped:
             self.parts.append(text)
             self.finish_reason = delta.finish_reason = "stop"
@@ -72,6 +83,18 @@ class SequenceOutput:
             return self._finish(delta, "length")
         self.parts.append(text)
         return delta
+
+    def _logprob_entry(self, logits: torch.Tensor, token: int) -> dict:
+        """`token`'s log-probability under the model's raw distribution, and the most likely alternatives."""
+        logp = torch.log_softmax(logits[: self.sampler.vocab_size].float(), dim=-1)
+        entry = self._token_info(token, float(logp[token]))
+        values, ids = logp.topk(self.top_logprobs) if self.top_logprobs else (logp[:0], logp[:0].long())
+        entry["top_logprobs"] = [self._token_info(int(i), float(v)) for v, i in zip(values, ids)]
+        return entry
+
+    def _token_info(self, token: int, logprob: float) -> dict:
+        return {"token": self.tokenizer.decode([token], skip_special_tokens=False), "logprob": logprob,
+                "bytes": list(self.tokenizer.token_bytes(token))}
 
     def _finish(self, delta: Delta, reason: str) -> Delta:
         """Release what the detokenizer and the stop matcher held back."""
@@ -185,18 +208,105 @@ class Engine:
         positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
         cache = KVCache(self.lm.config, len(prompts), min(longest + max(o.budget for o in outs), CACHE_START))
         logits = self.model(ids, cache=cache, positions=positions, key_mask=key_mask, last_only=True)[:, -1]
-        live = list(range(len(prompts)))  # which sequence each batch row holds
-        while True:
-            deltas = [outs[i].step(logits[row]) for row, i in enumerate(live)]
-            keep = [row for row, d in enumerate(deltas) if not d.finish_reason]
-            if not keep:
-                break
-            if len(keep) < len(live):
-                cache.select(keep)
-                key_mask, positions = key_mask[keep], positions[keep]
-                live, deltas = [live[r] for r in keep], [deltas[r] for r in keep]
-            key_mask = torch.cat([key_mask, torch.ones(len(live), 1, dtype=torch.bool)], dim=1)
-            positions = positions[:, -1:] + 1
-            tokens = torch.tensor([[d.token_ids[-1]] for d in deltas])
-            logits = self.model(tokens, cache=cache, positions=positions, key_mask=key_mask, last_only=True)[:, -1]
+        batch = DecodeBatch(self.model)
+        batch.join(cache, key_mask, outs, [out.step(row) for out, row in zip(outs, logits)])
+        while batch:
+            batch.step()
         return [o.result() for o in outs]
+
+    def prefill_chunk(self, cache: KVCache, chunk: Sequence[int]) -> torch.Tensor:
+        """Append one chunk of a single sequence's prompt to its cache; the logits after its last token."""
+        return self.model(torch.tensor([list(chunk)]), cache=cache, last_only=True)[0, -1]
+
+
+class DecodeBatch:
+    """Sequences that decode together, one row each of one KV cache: continuous batching's core.
+
+    Rows are left-padded so that all end at the cache's last column; the key mask hides the padding and
+    each row keeps its own positions (keys are stored after RoPE, so the column a key sits in does not
+    matter, only whether it is masked). Rows join with the cache of their prefill and leave as soon as
+    they finish; columns that only padding uses any more are then dropped.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.outs: list[SequenceOutput] = []
+        self.cache: KVCache | None = None
+        self.key_mask = torch.zeros(0, 0, dtype=torch.bool)  # [B, S]: True where a row has a real key
+        self.positions = torch.zeros(0, 1, dtype=torch.long)  # [B, 1]: each row's next position
+        self.tokens: list[int] = []  # each row's last sampled token, fed at the next step
+
+    def __len__(self) -> int:
+        return len(self.outs)
+
+    def join(self, cache: KVCache, key_mask: torch.Tensor, outs: list[SequenceOutput], deltas: list[Delta]):
+        """Add the rows of a prefilled `cache` (`key_mask` [b, cache.length]) whose first deltas are `deltas`;
+        rows already finished by their first token do not join."""
+        keep = [i for i, d in enumerate(deltas) if not d.finish_reason]
+        if not keep:
+            return
+        if len(keep) < len(deltas):
+            cache, key_mask = _keep_rows(cache, key_mask, keep)
+        outs, deltas = [outs[i] for i in keep], [deltas[i] for i in keep]
+        positions = key_mask.sum(1, keepdim=True)
+        if self.cache is None:
+            self.cache, self.key_mask = cache, key_mask
+        else:
+            self.cache, self.key_mask = _stack_rows(self.cache, self.key_mask, cache, key_mask)
+        self.positions = torch.cat([self.positions, positions])
+        self.outs += outs
+        self.tokens += [d.token_ids[-1] for d in deltas]
+
+    def leave(self, rows: list[int]) -> None:
+        """Remove these rows (finished, or their client left)."""
+        keep = [i for i in range(len(self)) if i not in set(rows)]
+        if not keep:
+            self.__init__(self.model)
+            return
+        self.cache, self.key_mask = _keep_rows(self.cache, self.key_mask, keep)
+        self.positions = self.positions[keep]
+        self.outs = [self.outs[i] for i in keep]
+        self.tokens = [self.tokens[i] for i in keep]
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[SequenceOutput, Delta]]:
+        """Decode one token for every row; finished rows leave. Returns each row's (output, delta)."""
+        n = len(self)
+        self.key_mask = torch.cat([self.key_mask, torch.ones(n, 1, dtype=torch.bool)], dim=1)
+        tokens = torch.tensor(self.tokens).view(n, 1)
+        logits = self.model(tokens, cache=self.cache, positions=self.positions, key_mask=self.key_mask,
+                            last_only=True)[:, -1]
+        self.positions = self.positions + 1
+        stepped = [(out, out.step(row)) for out, row in zip(self.outs, logits)]
+        self.tokens = [d.token_ids[-1] if d.token_ids else -1 for _, d in stepped]
+        finished = [i for i, (_, d) in enumerate(stepped) if d.finish_reason]
+        if finished:
+            self.leave(finished)
+        return stepped
+
+
+def _keep_rows(cache: KVCache, key_mask: torch.Tensor, rows: list[int]):
+    """Keep these rows of a cache, dropping leading columns that are padding in every row kept."""
+    cache.select(rows)
+    key_mask = key_mask[rows]
+    unused = int((~key_mask).all(0).long().cumprod(0).sum())
+    if unused:
+        cache.k, cache.v = cache.k[:, :, :, unused:], cache.v[:, :, :, unused:]
+        cache.length -= unused
+        key_mask = key_mask[:, unused:]
+    return cache, key_mask
+
+
+def _stack_rows(a: KVCache, mask_a: torch.Tensor, b: KVCache, mask_b: torch.Tensor):
+    """One cache holding the rows of `a` then those of `b`, right-aligned (the shorter is left-padded)."""
+    width = max(a.length, b.length)
+    room = width + JOIN_HEADROOM  # so that the next steps do not reallocate at once
+    out = KVCache(a.config, a.batch_size + b.batch_size, room, dtype=a.dtype, device=a.device)
+    mask = torch.zeros(out.batch_size, width, dtype=torch.bool)
+    for src, src_mask, rows in ((a, mask_a, slice(0, a.batch_size)), (b, mask_b, slice(a.batch_size, None))):
+        n = src.length
+        out.k[:, rows, :, width - n : width] = src.k[:, :, :, :n]
+        out.v[:, rows, :, width - n : width] = src.v[:, :, :, :n]
+        mask[rows, width - n :] = src_mask
+    out.length = width
+    return out, mask

@@ -23,6 +23,7 @@ import torch
 from gptchat.errors import ContextLengthError, InvalidParameterError
 
 MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass
@@ -41,6 +42,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] | list[int] = ()
     seed: int | None = None
     logit_bias: dict[int, float] | None = None  # OpenAI style additive bias, values in [-100, 100]
+    logprobs: bool = False  # report each sampled token's log-probability (Delta.logprobs)
+    top_logprobs: int = 0  # ... and that many most likely alternatives, 0..MAX_TOP_LOGPROBS
 
     def validate(self) -> "SamplingParams":
         """Raise InvalidParameterError for the first bad value; normalise containers; return self.
@@ -79,6 +82,10 @@ class SamplingParams:
             _int("seed", self.seed)
         if self.logit_bias is not None:
             self._validate_logit_bias()
+        if not (0 <= _int("top_logprobs", self.top_logprobs) <= MAX_TOP_LOGPROBS):
+            raise InvalidParameterError(
+                "top_logprobs", f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}] (got {self.top_logprobs})"
+            )
         return self
 
     def _validate_stops(self) -> None:

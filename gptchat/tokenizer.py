@@ -13,6 +13,7 @@ and the chat facts: which ids are BOS/EOS/PAD, which ids end a turn, and the cha
 
 import json
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -226,6 +227,18 @@ class Tokenizer:
             raise InvalidParameterError("token_id", f"token id {id} is not in the vocabulary (size {self.vocab_size})")
         return token
 
+    def token_bytes(self, id: int) -> bytes:
+        """The bytes token `id` stands for, also when it is only part of a UTF-8 character."""
+        text = self.decode([id], skip_special_tokens=False)
+        if "\ufffd" not in text:
+            return text.encode()
+        raw = self.token_to_str(id)
+        if set(raw) <= _CHAR_TO_BYTE.keys():  # byte-level BPE: one character per byte
+            return bytes(_CHAR_TO_BYTE[c] for c in raw)
+        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", raw):  # SentencePiece byte fallback
+            return bytes([int(raw[3:5], 16)])
+        return text.encode()
+
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
@@ -351,6 +364,7 @@ def _bytes_to_chars() -> dict[int, str]:
 
 
 _BYTE_TO_CHAR = _bytes_to_chars()
+_CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
 
 
 def _gguf_value(reader, key: str, default=None):

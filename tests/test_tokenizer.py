@@ -322,3 +322,11 @@ def test_template_features_and_errors():
         render_chat("{{ messages.append(1) }}", [])
     with pytest.raises(GptchatError):
         render_chat("{% for %}", [])
+
+
+def test_token_bytes_spell_the_text_also_inside_a_character(smol):
+    """A byte-level token can be part of a UTF-8 character (logprobs report its bytes): joined, they spell the text."""
+    text = "Grüße, 你好 🙂!"
+    ids = smol.encode(text)
+    assert b"".join(smol.token_bytes(i) for i in ids) == text.encode()
+    assert any("\ufffd" in smol.decode([i]) for i in ids)  # some token here is only part of a character

@@ -2,7 +2,9 @@
 
     app.py         the routes: /v1/chat/completions, /v1/completions, /v1/models, /tokenize, /health
     protocol.py    request bodies (pydantic) and the OpenAI response and chunk shapes
-    generation.py  the one place generation runs: a shared Engine behind a lock, in a worker thread
+    scheduler.py   continuous batching: one thread runs the model for every request (app.state.generator)
+    metrics.py     GET /metrics in the Prometheus text format
+    limits.py      the request body size limit (413)
     errors.py      every failure as an OpenAI error object {"error": {message, type, param, code}}
     auth.py        the bearer API key
 """

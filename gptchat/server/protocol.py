@@ -2,7 +2,11 @@
 
 Bodies are strict: a number must be a JSON number, not a string, and out-of-range values are refused
 with the field named. Unknown fields are ignored, as OpenAI's own SDKs send some we do not use; the few
-that would change the answer (tools, JSON mode, logprobs) are refused rather than silently dropped.
+that would change the answer (tools, JSON mode) are refused rather than silently dropped.
+
+Log-probabilities come in two shapes: chat's `{"content": [{token, logprob, bytes, top_logprobs}]}` (the
+engine's Delta.logprobs as they are) and the legacy completions' parallel lists `tokens`,
+`token_logprobs`, `top_logprobs` (token -> logprob, the chosen token included) and `text_offset`.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..sampling import SamplingParams
+from ..sampling import MAX_TOP_LOGPROBS, SamplingParams
 from .errors import APIError
 
 # -- requests -----------------------------------------------------------------------------------
@@ -78,7 +82,10 @@ class SamplingFields(Body):
             "repetition_penalty": self.repetition_penalty, "no_repeat_ngram_size": self.no_repeat_ngram_size,
         }.items() if v is not None}
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        logprobs, top_logprobs = self.logprob_params()
         return SamplingParams(
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
             max_new_tokens=max_new_tokens,
             top_k=max(self.top_k or 0, 0),
             stop=tuple(stop),
@@ -86,6 +93,10 @@ class SamplingFields(Body):
             logit_bias=self.logit_bias,
             **given,
         )
+
+    def logprob_params(self) -> tuple[bool, int]:
+        """(report logprobs, how many alternatives)."""
+        return False, 0
 
     def refuse_unsupported(self) -> None:
         """Refuse what we would otherwise have to fake."""
@@ -105,16 +116,18 @@ class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 
     def requested_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def logprob_params(self) -> tuple[bool, int]:
+        return bool(self.logprobs), self.top_logprobs or 0
+
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if self.logprobs or self.top_logprobs:
-            param = "logprobs" if self.logprobs else "top_logprobs"
-            raise APIError(400, "logprobs are not supported yet.", param=param, code="unsupported_parameter")
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs to be true.", param="top_logprobs", code="invalid_value")
 
 
 class CompletionRequest(SamplingFields):
@@ -122,7 +135,7 @@ class CompletionRequest(SamplingFields):
 
     prompt: Union[str, Annotated[list[str], Field(min_length=1, max_length=1)]]
     default_max_tokens: ClassVar[int | None] = 16  # the legacy endpoint's default, as OpenAI's
-    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     echo: bool = False
     suffix: str | None = None
     best_of: Annotated[int, Field(ge=1)] | None = None
@@ -131,9 +144,12 @@ class CompletionRequest(SamplingFields):
     def text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
+    def logprob_params(self) -> tuple[bool, int]:
+        return self.logprobs is not None, self.logprobs or 0
+
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        for name, used in (("logprobs", self.logprobs is not None), ("echo", self.echo),
+        for name, used in (("echo", self.echo),
                            ("suffix", self.suffix is not None), ("best_of", self.best_of not in (None, self.n))):
             if used:
                 raise APIError(400, f"'{name}' is not supported yet.", param=name, code="unsupported_parameter")
@@ -171,26 +187,41 @@ class Shape:
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "system_fingerprint": None}
 
-    def response(self, texts: list[str], reasons: list[str], use: dict) -> dict:
+    def response(self, texts: list[str], reasons: list[str], use: dict, logprobs: list | None = None) -> dict:
+        """The whole response; `logprobs` holds each choice's entries (Delta.logprobs joined) when asked for."""
+        lps = [self.logprobs(entries) for entries in logprobs] if logprobs else [None] * len(texts)
         if self.chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": t, "refusal": None},
-                        "logprobs": None, "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
+                        "logprobs": lp, "finish_reason": r} for i, (t, r, lp) in enumerate(zip(texts, reasons, lps))]
             return {**self._head("chat.completion"), "choices": choices, "usage": use}
-        choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
-                   for i, (t, r) in enumerate(zip(texts, reasons))]
+        choices = [{"index": i, "text": t, "logprobs": lp, "finish_reason": r}
+                   for i, (t, r, lp) in enumerate(zip(texts, reasons, lps))]
         return {**self._head("text_completion"), "choices": choices, "usage": use}
 
+    def logprobs(self, entries: list[dict], offset: int = 0) -> dict:
+        """Chat's logprobs object, or the legacy lists (text offsets counted from `offset`)."""
+        if self.chat:
+            return {"content": entries, "refusal": None}
+        offsets = []
+        for e in entries:
+            offsets.append(offset)
+            offset += len(e["token"])
+        return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{**{t["token"]: t["logprob"] for t in e["top_logprobs"]}, e["token"]: e["logprob"]}
+                                 for e in entries],
+                "text_offset": offsets}
+
     def chunk(self, index: int, text: str | None, finish_reason: str | None = None,
-              role: bool = False, with_usage: bool = False) -> dict:
+              role: bool = False, with_usage: bool = False, logprobs: dict | None = None) -> dict:
         """A streamed piece of choice `index` (`role` marks a chat choice's first chunk)."""
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
-            if text:
-                delta["content"] = text
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            if text or logprobs:
+                delta["content"] = text or ""
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             out = {**self._head("chat.completion.chunk"), "choices": [choice]}
         else:
-            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
             out = {**self._head("text_completion"), "choices": [choice]}
         if with_usage:
             out["usage"] = None
