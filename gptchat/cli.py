@@ -221,15 +221,19 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from .server import create_app
+    from .server.store import ConversationStore
 
     if args.max_tokens_cap is not None and args.max_tokens_cap < 1:
         raise GptchatError(f"--max-tokens-cap must be >= 1 (got {args.max_tokens_cap})")
     api_key = args.api_key or os.environ.get("GPTCHAT_API_KEY") or None
+    store = ConversationStore.in_dir(args.data_dir)
     lm = load(args)
-    app = create_app(lm, model_name=args.model_name, api_key=api_key, max_tokens_cap=args.max_tokens_cap)
-    where = f"http://{args.host}:{args.port}/v1"
-    print(f"gptchat: serving {app.state.model_name} at {where}" + (" (API key required)" if api_key else ""),
-          file=sys.stderr)
+    app = create_app(lm, model_name=args.model_name, api_key=api_key, max_tokens_cap=args.max_tokens_cap,
+                     store=store)
+    where = f"http://{args.host}:{args.port}"
+    print(f"gptchat: serving {app.state.model_name} at {where}/v1, web chat at {where}/"
+          + (" (API key required)" if api_key else ""), file=sys.stderr)
+    print(f"gptchat: conversations are kept in {store.file}", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -418,6 +422,8 @@ def make_parser() -> Parser:
                    "else no key)")
     p.add_argument("--model-name", metavar="NAME", help="the name clients ask for (default: the model's own)")
     p.add_argument("--max-tokens-cap", type=int, metavar="N", help="most tokens one reply may ask for")
+    p.add_argument("--data-dir", metavar="DIR", help="where the web chat's conversations are kept "
+                   "(default: $XDG_DATA_HOME/gptchat, else ~/.local/share/gptchat)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=cmd_serve)
     add_training_commands(sub)

@@ -5,6 +5,7 @@
     GET  /v1/models             the one model served
     POST /tokenize              text or messages -> token ids
     GET  /health                {"status": "ok"}, public
+    GET  /                      the web chat UI (static files, public); its API is /api (conversations.py)
 
 A request is checked in full (model name, parameters, context room) before any output, so a client gets
 a proper 4xx instead of a stream that dies. Nothing is truncated: a prompt plus max_tokens beyond the
@@ -15,10 +16,12 @@ from __future__ import annotations
 
 import json
 from contextlib import aclosing
+from pathlib import Path
 from typing import AsyncIterator
 
 from fastapi import FastAPI
-from fastapi.responses import StreamingResponse
+from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 
 from ..chat import prompt_ids as chat_prompt_ids
 from ..checkpoints import LoadedModel
@@ -28,6 +31,9 @@ from .auth import APIKeyMiddleware
 from .errors import APIError, from_exception
 from .generation import SerialGenerator
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, Shape, TokenizeRequest, now, usage
+from .store import ConversationStore
+
+STATIC = Path(__file__).parent / "static"
 
 
 def event(obj) -> str:
@@ -47,7 +53,8 @@ class SSEResponse(StreamingResponse):
 
 
 def create_app(lm: LoadedModel, *, model_name: str | None = None, api_key: str | None = None,
-               max_tokens_cap: int | None = None) -> FastAPI:
+               max_tokens_cap: int | None = None, store: ConversationStore | None = None) -> FastAPI:
+    """The app; conversations go to `store` (default: one in memory, gone when the process ends)."""
     engine = Engine(lm)
     generator = SerialGenerator(engine)
     served = model_name or lm.name
@@ -174,5 +181,15 @@ def create_app(lm: LoadedModel, *, model_name: str | None = None, api_key: str |
     @app.get("/health")
     async def health():
         return {"status": "ok"}
+
+    from .conversations import conversation_routes  # it imports this module's SSE helpers
+
+    app.state.store = store or ConversationStore()
+    app.include_router(conversation_routes(engine, generator, app.state.store, served, max_tokens_cap))
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def web_ui():
+        return FileResponse(STATIC / "index.html")
 
     return app
