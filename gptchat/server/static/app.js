@@ -336,6 +336,8 @@ function messageView(m, {streaming = false} = {}) {
     bar.appendChild(nav);
   }
   if (m.role === "user") bar.appendChild(button("Edit", "edit", () => startEdit(div, m)));
+  const unanswered = m.role === "user" && ![...state.messages.values()].some((o) => o.parent_id === m.id);
+  if (unanswered) bar.appendChild(button("Answer", "answer", () => send({parent_id: m.id})));
   if (m.role === "assistant") bar.appendChild(button("Regenerate", "regenerate", () => send({parent_id: m.parent_id})));
   div.appendChild(bar);
   return div;
@@ -380,6 +382,17 @@ async function send(body) {
   let pending = [];
   if (body.content !== undefined) pending.push(messageView({role: "user", content: body.content}, {streaming: true}));
   const reply = {role: "assistant", content: "", logprobs: null};
+  // while streaming only the reply's node is redrawn, at most once a frame
+  let replyNode = null;
+  let frame = 0;
+  const paint = () => {
+    frame = 0;
+    const node = messageView(reply, {streaming: true});
+    if (replyNode && replyNode.isConnected) replyNode.replaceWith(node);
+    else $("messages").appendChild(node);
+    replyNode = node;
+    $("messages").scrollTop = $("messages").scrollHeight;
+  };
   render(pending);
   try {
     const r = await request("POST", `/api/conversations/${c.id}/messages`, body, {raw: true, signal: abort.signal});
@@ -387,10 +400,12 @@ async function send(body) {
       if (e.type === "start") {
         state.messages.set(e.user.id, e.user);
         state.conversation.current_leaf = e.user.id;
-        pending = [];
+        render();
+        paint();
       } else if (e.type === "delta") {
         reply.content += e.text;
         if (e.logprobs) reply.logprobs = (reply.logprobs || []).concat(e.logprobs);
+        if (!frame) frame = requestAnimationFrame(paint);
       } else if (e.type === "done" || e.type === "error") {
         if (e.message) {
           state.messages.set(e.message.id, e.message);
@@ -399,7 +414,6 @@ async function send(body) {
         if (e.type === "error") showError(new Error(e.error.message));
         break;
       }
-      render([...pending, messageView(reply, {streaming: true})]);
     }
   } catch (err) {
     if (err.name !== "AbortError") showError(err);
