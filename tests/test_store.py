@@ -135,7 +135,7 @@ def test_export_import_round_trip(store):
     # a chat file ({"messages": [...]}, as `gptchat chat` saves) becomes a linear conversation
     (chat,) = store.import_({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"},
                                           {"role": "assistant", "content": "hello"}]})
-    assert chat["system_prompt"] == "S" and contents(store.path(chat["current_leaf"])) == ["hi", "hello"]
+    assert chat["system_prompt"] == "S" and chat["title"] == "hi" and contents(store.path(chat["current_leaf"])) == ["hi", "hello"]
 
 
 @pytest.mark.parametrize("bad", [

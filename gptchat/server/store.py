@@ -308,7 +308,9 @@ class ConversationStore:
         settings = item.get("settings", {})
         if not isinstance(settings, dict):
             raise StoreError(f"{where}.settings: expected an object")
-        title = _text(item.get("title") or DEFAULT_TITLE, f"{where}.title")
+        first_user = next((m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"
+                           and isinstance(m.get("content"), str) and m["content"].strip()), None)
+        title = _text(item.get("title") or (title_from(first_user) if first_user else DEFAULT_TITLE), f"{where}.title")
         cid, t = new_id(), time.time()
         created = _number(item.get("created_at", t), f"{where}.created_at")
         updated = _number(item.get("updated_at", t), f"{where}.updated_at")
