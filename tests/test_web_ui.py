@@ -144,3 +144,30 @@ def test_html_in_messages_is_shown_as_text(page, tmp_path):
     page.wait_for_timeout(300)
     assert page.evaluate("window.__xss") is None
     assert page.errors == []
+
+
+def test_token_probabilities_view(page, tmp_path):
+    ready(page)
+    lp = [{"token": "Hel", "logprob": -0.05, "bytes": [72, 101, 108],
+           "top_logprobs": [{"token": "Hel", "logprob": -0.05, "bytes": [72, 101, 108]},
+                            {"token": "<b>Hi", "logprob": -3.2, "bytes": [60, 98, 62, 72, 105]}]},
+          {"token": "lo", "logprob": -1.6, "bytes": [108, 111], "top_logprobs": []}]
+    data = {"title": "Probabilities", "messages": [
+        {"role": "user", "content": "Say hello"}, {"role": "assistant", "content": "Hello", "logprobs": lp}]}
+    path = tmp_path / "probs.json"
+    path.write_text(json.dumps(data))
+    page.set_input_files("#import", str(path))
+    page.wait_for_selector("#title:text-is('Probabilities')")
+    assert page.locator(".token").count() == 0
+    if not page.is_visible("#settings"):
+        page.click("#toggle-settings")
+    page.check("#show-probs")
+    page.wait_for_selector(".token")
+    tokens = page.locator(".message.assistant .token")
+    assert tokens.all_inner_texts() == ["Hel", "lo"]
+    assert tokens.nth(0).get_attribute("title") == '95.1%\n"Hel" 95.1%\n"<b>Hi" 4.1%'
+    tokens.nth(0).click()
+    assert page.text_content(".token-detail") == '"Hel": 95.12%  —  top: "Hel" 95.1%,  "<b>Hi" 4.1%'
+    assert page.locator("#messages b").count() == 0
+    page.uncheck("#show-probs")
+    assert page.errors == []

@@ -503,9 +503,8 @@ async function start() {
 
   state.info = await api.get("/api/info");
   $("model").textContent = `${state.info.model} · ${state.info.context_length} tokens`;
-  if (!state.info.logprobs) {
-    $("show-probs").disabled = true;
-    $("show-probs").parentElement.title = "This server does not give token probabilities yet";
+  if (!state.info.logprobs) {  // stored (imported) probabilities can still be shown
+    $("show-probs").parentElement.title = "This server does not compute token probabilities yet";
   }
   newChat();
   await refreshList();
