@@ -284,3 +284,12 @@ def test_sigkill_mid_reply_keeps_the_users_message(long_llama_dir, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_serve_refuses_an_unusable_data_dir(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    r = subprocess.run([sys.executable, "-m", "gptchat.cli", "serve", "--data-dir", str(not_a_dir)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.startswith("gptchat: error: cannot open the conversation store")
+    assert len(r.stderr.strip().splitlines()) == 1

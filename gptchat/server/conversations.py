@@ -4,7 +4,7 @@
     GET    /api/conversations?search=TEXT      newest first, optionally only titles containing TEXT
     POST   /api/conversations                  {title?, system_prompt?, settings?} -> a new conversation
     GET    /api/conversations/{id}             the conversation with every message of every branch
-    PATCH  /api/conversations/{id}             {title?, system_prompt?, settings?, current_leaf?}
+    PATCH  /api/conversations/{id}             {title?, system_prompt?, settings?, current_leaf?} (settings as a whole)
     DELETE /api/conversations/{id}
     POST   /api/conversations/{id}/messages    send, edit-and-resend or regenerate; the reply streams as SSE
     POST   /api/conversations/{id}/stop        end the replies being generated in it (they are kept, "stopped")
