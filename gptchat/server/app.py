@@ -182,10 +182,10 @@ def create_app(lm: LoadedModel, *, model_name: str | None = None, api_key: str |
     async def health():
         return {"status": "ok"}
 
-    from .conversations import conversation_routes  # it imports this module's SSE helpers
+    from . import conversations  # it imports this module's SSE helpers
 
     app.state.store = store or ConversationStore()
-    app.include_router(conversation_routes(engine, generator, app.state.store, served, max_tokens_cap))
+    conversations.install(app, engine, generator, app.state.store, served, max_tokens_cap)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)

@@ -29,7 +29,7 @@ import logging
 from contextlib import aclosing
 from typing import Annotated, AsyncIterator
 
-from fastapi import APIRouter, Query, Request
+from fastapi import FastAPI, Query, Request
 from pydantic import ConfigDict, Field
 
 from ..chat import prompt_ids as chat_prompt_ids
@@ -88,9 +88,9 @@ def not_found(e: NotFound) -> APIError:
     return APIError(404, str(e), param=None, code="not_found")
 
 
-def conversation_routes(engine: Engine, generator, store: ConversationStore, model_name: str,
-                        max_tokens_cap: int | None = None) -> APIRouter:
-    router = APIRouter(prefix="/api")
+def install(app: FastAPI, engine: Engine, generator, store: ConversationStore, model_name: str,
+            max_tokens_cap: int | None = None) -> None:
+    """Add the /api routes to `app` (routes of the app itself, so middleware that walks app.routes sees them)."""
     stops: dict[str, set[asyncio.Event]] = {}  # conversation id -> the stop flags of its running replies
 
     def conversation(cid: str) -> dict:
@@ -99,24 +99,24 @@ def conversation_routes(engine: Engine, generator, store: ConversationStore, mod
         except NotFound as e:
             raise not_found(e) from None
 
-    @router.get("/info")
+    @app.get("/api/info")
     def info():
         return {"model": model_name, "context_length": engine.context_length, "logprobs": LOGPROBS,
                 "max_tokens_cap": max_tokens_cap}
 
-    @router.get("/conversations")
+    @app.get("/api/conversations")
     def list_conversations(search: Annotated[str | None, Query(max_length=200)] = None):
         return {"conversations": store.list(search)}
 
-    @router.post("/conversations")
+    @app.post("/api/conversations")
     def create_conversation(req: NewConversation):
         return store.create(req.title, req.system_prompt, req.settings.stored() if req.settings else {})
 
-    @router.get("/conversations/{cid}")
+    @app.get("/api/conversations/{cid}")
     def get_conversation(cid: str):
         return {**conversation(cid), "messages": store.messages(cid)}
 
-    @router.patch("/conversations/{cid}")
+    @app.patch("/api/conversations/{cid}")
     def change_conversation(cid: str, req: ConversationChange):
         try:
             return store.update(cid, title=req.title, system_prompt=req.system_prompt,
@@ -125,7 +125,7 @@ def conversation_routes(engine: Engine, generator, store: ConversationStore, mod
         except NotFound as e:
             raise not_found(e) from None
 
-    @router.delete("/conversations/{cid}")
+    @app.delete("/api/conversations/{cid}")
     def delete_conversation(cid: str):
         try:
             store.delete(cid)
@@ -133,16 +133,16 @@ def conversation_routes(engine: Engine, generator, store: ConversationStore, mod
             raise not_found(e) from None
         return {"id": cid, "deleted": True}
 
-    @router.get("/conversations/{cid}/export")
+    @app.get("/api/conversations/{cid}/export")
     def export_conversation(cid: str):
         conversation(cid)
         return store.export([cid])
 
-    @router.get("/export")
+    @app.get("/api/export")
     def export_all():
         return store.export()
 
-    @router.post("/import")
+    @app.post("/api/import")
     async def import_conversations(request: Request):
         try:
             data = await request.json()
@@ -153,7 +153,7 @@ def conversation_routes(engine: Engine, generator, store: ConversationStore, mod
         except StoreError as e:
             raise APIError(400, str(e), param="conversations", code="invalid_value") from None
 
-    @router.post("/conversations/{cid}/stop")
+    @app.post("/api/conversations/{cid}/stop")
     async def stop(cid: str):
         conversation(cid)
         flags = stops.get(cid, set())
@@ -161,7 +161,7 @@ def conversation_routes(engine: Engine, generator, store: ConversationStore, mod
             flag.set()
         return {"id": cid, "stopped": len(flags)}
 
-    @router.post("/conversations/{cid}/messages")
+    @app.post("/api/conversations/{cid}/messages")
     async def send(cid: str, req: Send):
         conv = conversation(cid)
         parent_id = req.parent_id if "parent_id" in req.model_fields_set else conv["current_leaf"]
@@ -249,4 +249,3 @@ def conversation_routes(engine: Engine, generator, store: ConversationStore, mod
             yield event({"type": "done", "message": reply})
         yield "data: [DONE]\n\n"
 
-    return router
