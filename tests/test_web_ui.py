@@ -125,6 +125,20 @@ def test_key_send_stream_stop_reload(page, url):
     page.fill("#search", "renamed")
     page.wait_for_selector("#conversations li .title:text-is('Renamed chat')")
     page.fill("#search", "")
+
+    # export the open conversation: the download is the server's export of it
+    with page.expect_download() as download:
+        page.click("#export-one")
+    exported = json.loads(open(download.value.path()).read())
+    assert [c["title"] for c in exported["conversations"]] == ["Renamed chat"]
+    assert len(exported["conversations"][0]["messages"]) == 7  # a turn, a regeneration, an edited turn, the stopped turn
+
+    # delete it (the confirmation is accepted)
+    page.hover("#conversations li:first-child")
+    page.click("#conversations li:first-child .delete")
+    page.wait_for_function("![...document.querySelectorAll('#conversations .title')]"
+                           ".some((b) => b.textContent === 'Renamed chat')")
+    assert page.inner_text("#title") == "New conversation" and page.locator(".message").count() == 0
     assert page.errors == []
 
 

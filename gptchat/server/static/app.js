@@ -438,12 +438,15 @@ async function stop() {
 
 // -- export and import ------------------------------------------------------------------------------
 
-async function exportAll() {
-  const data = await api.get("/api/export");
+// every conversation, or only the open one
+async function exportJSON(one) {
+  if (one && !state.conversation) return;
+  const data = await api.get(one ? `/api/conversations/${state.conversation.id}/export` : "/api/export");
   const url = URL.createObjectURL(new Blob([JSON.stringify(data, null, 2)], {type: "application/json"}));
   const a = document.createElement("a");
   a.href = url;
-  a.download = `gptchat-conversations-${new Date().toISOString().slice(0, 10)}.json`;
+  a.download = one ? `gptchat-${state.conversation.title.replace(/[^\w -]+/g, "").trim().slice(0, 40) || "chat"}.json`
+                   : `gptchat-conversations-${new Date().toISOString().slice(0, 10)}.json`;
   document.body.appendChild(a);
   a.click();
   a.remove();
@@ -486,7 +489,8 @@ async function start() {
   $("stop").onclick = () => stop().catch(showError);
   $("new-chat").onclick = newChat;
   $("search").oninput = debounce(() => refreshList().catch(showError), 200);
-  $("export").onclick = () => exportAll().catch(showError);
+  $("export").onclick = () => exportJSON(false).catch(showError);
+  $("export-one").onclick = () => exportJSON(true).catch(showError);
   $("import").onchange = (e) => {
     const file = e.target.files[0];
     e.target.value = "";
