@@ -14,7 +14,6 @@ import httpx
 import pytest
 
 import gptchat
-import tiny_models
 from gptchat.server import create_app
 from gptchat.server.conversations import LOGPROBS
 from gptchat.server.store import ConversationStore
@@ -24,13 +23,6 @@ KEY = "sk-ui"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 EOS = 2  # the tiny Llama's end-of-sequence token
 ENDLESS = {"temperature": 1.0, "seed": 0, "max_tokens": 1500, "logit_bias": {str(EOS): -100}}  # runs for seconds
-
-
-@pytest.fixture(scope="session")
-def long_llama_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama-2k")
-    tiny_models.hf_llama(d, max_positions=2048)
-    return d
 
 
 @pytest.fixture(scope="module")

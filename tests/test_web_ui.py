@@ -10,7 +10,7 @@ import pytest
 import gptchat
 from gptchat.server import create_app
 from gptchat.server.store import ConversationStore
-from test_conversations import ENDLESS, KEY, long_llama_dir  # noqa: F401 - a fixture
+from test_conversations import ENDLESS, KEY
 from test_server import serving
 
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -21,12 +21,13 @@ if not os.path.exists(CHROMIUM):
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 EVIL_USER = '<script>window.__xss = "user"</script>'
-EVIL_REPLY = ('<img src=x onerror="window.__xss = \'reply\'"> and **bold** text\n\n'
+EVIL_REPLY = ('<img src=x onerror="window.__xss = \'reply\'"> and **bold** text, '
+              '[a link](javascript:window.__xss=\'link\') and [a good one](https://example.org/)\n\n'
               '```html\n<script>window.__xss = "code"</script>\n```')
 
 
 @pytest.fixture(scope="module")
-def url(long_llama_dir, tmp_path_factory):  # noqa: F811
+def url(long_llama_dir, tmp_path_factory):
     lm = gptchat.load_model(long_llama_dir, quant="none")
     app = create_app(lm, model_name="tiny", api_key=KEY, store=ConversationStore.in_dir(tmp_path_factory.mktemp("d")))
     with serving(app) as base:
@@ -154,6 +155,7 @@ def test_html_in_messages_is_shown_as_text(page, tmp_path):
     assert '<img src=x onerror="window.__xss = \'reply\'">' in reply and '<script>window.__xss = "code"</script>' in reply
     assert page.inner_text(".message.assistant .body strong") == "bold"  # Markdown still rendered
     assert page.locator("#messages img, #messages script, #conversations script").count() == 0
+    assert page.locator("#messages a").evaluate_all("links => links.map((a) => a.href)") == ["https://example.org/"]
     assert page.inner_text("#conversations li:first-child .title").startswith("<script>")
     page.wait_for_timeout(300)
     assert page.evaluate("window.__xss") is None

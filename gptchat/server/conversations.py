@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 from contextlib import aclosing
 from typing import Annotated, AsyncIterator
 
@@ -39,8 +38,6 @@ from .app import SSEResponse, event
 from .errors import APIError, from_exception
 from .protocol import Body, SamplingFields
 from .store import ConversationStore, NotFound, StoreError
-
-log = logging.getLogger("gptchat.server")
 
 # the engine gives per-token probabilities once SamplingParams has these fields
 LOGPROBS = {"logprobs", "top_logprobs"} <= {f.name for f in dataclasses.fields(SamplingParams)}
