@@ -5,6 +5,9 @@
     generation.py  the one place generation runs: a shared Engine behind a lock, in a worker thread
     errors.py      every failure as an OpenAI error object {"error": {message, type, param, code}}
     auth.py        the bearer API key
+    store.py       conversations on disk: SQLite (WAL), message trees, schema migrations
+    conversations.py  the web chat's /api: conversations, and replies streamed into them
+    static/        the web chat page at / (HTML, CSS, JS; no build step)
 """
 
 from .app import create_app
