@@ -385,8 +385,10 @@ async function send(body) {
   // while streaming only the reply's node is redrawn, at most once a frame
   let replyNode = null;
   let frame = 0;
+  const here = () => state.conversation && state.conversation.id === c.id;  // the user may open another one
   const paint = () => {
     frame = 0;
+    if (!here()) return;
     const node = messageView(reply, {streaming: true});
     if (replyNode && replyNode.isConnected) replyNode.replaceWith(node);
     else $("messages").appendChild(node);
@@ -397,7 +399,7 @@ async function send(body) {
   try {
     const r = await request("POST", `/api/conversations/${c.id}/messages`, body, {raw: true, signal: abort.signal});
     for await (const e of events(r)) {
-      if (e.type === "start") {
+      if (e.type === "start" && here()) {
         state.messages.set(e.user.id, e.user);
         state.conversation.current_leaf = e.user.id;
         render();
@@ -407,7 +409,7 @@ async function send(body) {
         if (e.logprobs) reply.logprobs = (reply.logprobs || []).concat(e.logprobs);
         if (!frame) frame = requestAnimationFrame(paint);
       } else if (e.type === "done" || e.type === "error") {
-        if (e.message) {
+        if (e.message && here()) {
           state.messages.set(e.message.id, e.message);
           state.conversation.current_leaf = e.message.id;
         }
@@ -421,9 +423,8 @@ async function send(body) {
     state.streaming = null;
     setStreaming(false);
   }
-  if (state.conversation && state.conversation.id === c.id) {
-    await openConversation(c.id);  // the server's view: titles, ids, statuses
-  }
+  if (here()) await openConversation(c.id);  // the server's view: titles, ids, statuses
+  else await refreshList();
 }
 
 async function stop() {
