@@ -221,6 +221,7 @@ def cmd_info(args) -> int:
 def cmd_serve(args) -> int:
     from .server import create_app
     from .server.run import serve
+    from .server.store import ConversationStore
 
     limits = (("--max-tokens-cap", args.max_tokens_cap, 1), ("--max-concurrency", args.max_concurrency, 1),
               ("--max-queue", args.max_queue, 0), ("--max-body-bytes", args.max_body_bytes, 1),
@@ -229,13 +230,15 @@ def cmd_serve(args) -> int:
         if value is not None and value < least:
             raise GptchatError(f"{flag} must be >= {least} (got {value})")
     api_key = args.api_key or os.environ.get("GPTCHAT_API_KEY") or None
+    store = ConversationStore.in_dir(args.data_dir)
     lm = load(args)
     app = create_app(lm, model_name=args.model_name, api_key=api_key, max_tokens_cap=args.max_tokens_cap,
                      max_concurrency=args.max_concurrency, max_queue=args.max_queue,
-                     max_body_bytes=args.max_body_bytes, cors_origins=args.cors_origin)
-    where = f"http://{args.host}:{args.port}/v1"
-    print(f"gptchat: serving {app.state.model_name} at {where}" + (" (API key required)" if api_key else ""),
-          file=sys.stderr)
+                     max_body_bytes=args.max_body_bytes, cors_origins=args.cors_origin, store=store)
+    where = f"http://{args.host}:{args.port}"
+    print(f"gptchat: serving {app.state.model_name} at {where}/v1, web chat at {where}/"
+          + (" (API key required)" if api_key else ""), file=sys.stderr)
+    print(f"gptchat: conversations are kept in {store.file}", file=sys.stderr)
     serve(app, host=args.host, port=args.port, log_level=args.log_level, grace=args.shutdown_grace)
     return 0
 
@@ -576,6 +579,8 @@ def make_parser() -> Parser:
     p.add_argument("--shutdown-grace", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds running replies may take to finish before they are ended "
                    "with an error (default 30)")
+    p.add_argument("--data-dir", metavar="DIR", help="where the web chat's conversations are kept "
+                   "(default: $XDG_DATA_HOME/gptchat, else ~/.local/share/gptchat)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=cmd_serve)
     add_training_commands(sub)

@@ -30,6 +30,14 @@ def tiny_llama_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def long_llama_dir(tmp_path_factory):
+    """The tiny Llama with a 2048-token context: its replies can run long enough to be stopped midway."""
+    d = tmp_path_factory.mktemp("tiny-llama-2k")
+    tiny_models.hf_llama(d, max_positions=2048)
+    return d
+
+
+@pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-gpt2")
     ref = tiny_models.hf_gpt2(d)

@@ -262,12 +262,12 @@ def test_error_after_stream_began(tiny_lm, monkeypatch):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
 
 
-def test_cli_serve(tiny_llama_dir):
+def test_cli_serve(tiny_llama_dir, tmp_path):
     """`gptchat serve` binds loopback, takes the key from $GPTCHAT_API_KEY, and answers."""
     port = free_port()
     env = {**os.environ, "GPTCHAT_API_KEY": KEY}
     cmd = [sys.executable, "-m", "gptchat.cli", "serve", "--model", str(tiny_llama_dir[0]), "--quant", "none",
-           "--port", str(port), "--max-tokens-cap", "5", "--log-level", "warning"]
+           "--port", str(port), "--max-tokens-cap", "5", "--log-level", "warning", "--data-dir", str(tmp_path)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = wait_until_serving(proc, port)

@@ -7,6 +7,9 @@
     limits.py      the request body size limit (413)
     errors.py      every failure as an OpenAI error object {"error": {message, type, param, code}}
     auth.py        the bearer API key
+    store.py       conversations on disk: SQLite (WAL), message trees, schema migrations
+    conversations.py  the web chat's /api: conversations, and replies streamed into them
+    static/        the web chat page at / (HTML, CSS, JS; no build step)
 """
 
 from .app import create_app

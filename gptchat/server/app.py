@@ -6,6 +6,7 @@
     POST /tokenize              text or messages -> token ids
     GET  /metrics               Prometheus text: requests, tokens, latencies, queue and batch (metrics.py)
     GET  /health                {"status": "ok"}, public
+    GET  /                      the web chat UI (static files, public); its API is /api (conversations.py)
 
 Generation goes through `app.state.generator` (a continuous-batching Scheduler): `prepare(prompt_ids,
 params) -> SequenceOutput` validates, `stream(prompt_ids, out)` yields Deltas (closing it cancels) and
@@ -21,11 +22,13 @@ from __future__ import annotations
 import asyncio
 import json
 from contextlib import aclosing, asynccontextmanager
+from pathlib import Path
 from typing import AsyncIterator, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 
 from ..chat import prompt_ids as chat_prompt_ids
 from ..checkpoints import LoadedModel
@@ -37,6 +40,9 @@ from .limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimit
 from .metrics import CONTENT_TYPE, Metrics, RequestCounter
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, Shape, TokenizeRequest, now, usage
 from .scheduler import Scheduler
+from .store import ConversationStore
+
+STATIC = Path(__file__).parent / "static"
 
 
 def event(obj) -> str:
@@ -94,8 +100,10 @@ async def client_gone(request: Request) -> None:
 
 def create_app(lm: LoadedModel, *, model_name: str | None = None, api_key: str | None = None,
                max_tokens_cap: int | None = None, max_concurrency: int = 8, max_queue: int = 64,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, cors_origins: Sequence[str] = ()) -> FastAPI:
-    """The app. max_concurrency: sequences decoding together; max_queue: how many more may wait (then 429)."""
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, cors_origins: Sequence[str] = (),
+               store: ConversationStore | None = None) -> FastAPI:
+    """The app. max_concurrency: sequences decoding together; max_queue: how many more may wait (then 429);
+    conversations of the web chat go to `store` (default: one in memory, gone when the process ends)."""
     engine = Engine(lm)
     metrics = Metrics()
     generator = Scheduler(engine, max_concurrency=max_concurrency, max_queue=max_queue, metrics=metrics)
@@ -259,5 +267,15 @@ def create_app(lm: LoadedModel, *, model_name: str | None = None, api_key: str |
     @app.get("/health")
     async def health():
         return {"status": "ok"}
+
+    from . import conversations  # it imports this module's SSE helpers
+
+    app.state.store = store or ConversationStore()
+    conversations.install(app, engine, generator, app.state.store, served, max_tokens_cap)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def web_ui():
+        return FileResponse(STATIC / "index.html")
 
     return app

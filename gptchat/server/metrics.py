@@ -129,5 +129,5 @@ class RequestCounter:
         """The matching route's path ("/v1/models/{model}"), so labels stay few whatever clients ask for."""
         for route in scope["app"].routes if "app" in scope else ():
             if route.matches(scope)[0] == Match.FULL:
-                return route.path
+                return getattr(route, "path", "other")
         return "other"
