@@ -251,7 +251,8 @@ def wrap(model: GPT, s: TrainSettings, device):
     if distributed.world_size() > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        runner = DistributedDataParallel(model, device_ids=[torch.device(device).index] if torch.device(device).type == "cuda" else None)
+        on_gpu = torch.device(device).type == "cuda"
+        runner = DistributedDataParallel(model, device_ids=[torch.device(device).index] if on_gpu else None)
     return (torch.compile(runner) if s.compile else runner), runner
 
 

@@ -203,11 +203,16 @@ def test_sft_trains_on_dialogues_and_refuses_int8(corpus, tmp_path):
     assert out.config == lm.config
 
 
-def run_cli(*args, cwd, env=None):
+def run_cli(*args, cwd, env=None, processes: int = 1):
+    """`gptchat ARGS` in a subprocess (under torchrun with `processes` > 1); asserts it succeeds."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", GPTCHAT_CACHE=str(cwd / "cache"), **(env or {}))
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    r = subprocess.run([sys.executable, "-m", "gptchat.cli", *map(str, args)], cwd=cwd, env=env,
-                       capture_output=True, text=True, timeout=300)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # not inside someone's torchrun
+        env.pop(name, None)
+    launcher = [sys.executable, "-m", "gptchat.cli"]
+    if processes > 1:
+        launcher[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    r = subprocess.run([*launcher, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "Traceback" not in r.stderr, f"{args}\n{r.stdout}\n{r.stderr}"
     return r
 
@@ -240,7 +245,7 @@ def test_compile_falls_back_to_eager_when_it_cannot_compile(tmp_path):
     """A machine without a C++ compiler cannot build inductor's CPU kernels: --compile warns and trains
     eagerly, to the same losses as a run without it. About 40 s (tracing before the failure)."""
     (tmp_path / "corpus.txt").write_text(TEXT)
-    run_cli("tokenizer", "train", "corpus.txt", "--vocab-size", "320", "--out", "tok", cwd=tmp_path)
+    train_tokenizer([tmp_path / "corpus.txt"], 320)[0].save(tmp_path / "tok")
     flags = ["pretrain", "--data", "corpus.txt", "--tokenizer", "tok", "--depth", "2", "--width", "64", "--heads", "2",
              "--steps", "3", "--batch-size", "4", "--seq-len", "32", "--sample-tokens", "0"]
     r = run_cli(*flags, "--out", "compiled", "--compile", cwd=tmp_path,
