@@ -92,8 +92,12 @@ def build_pair(vocab: int, args):
 
 
 def run(args) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench_train.") as work:
+        return measure(args, Path(work))
+
+
+def measure(args, work: Path) -> dict:
     torch.set_num_threads(args.threads)
-    work = Path(tempfile.mkdtemp(prefix="bench_train."))
     files = args.data or default_text(work, args.max_mb)
     print(f"tokenizer: training {args.vocab_size} tokens on {', '.join(map(str, files))}", file=sys.stderr)
     tok, _ = train_tokenizer(files, args.vocab_size)
