@@ -173,7 +173,8 @@ class Attention(nn.Module):
     def forward(self, x, rope, cache: KVCache | None, layer: int, mask):
         B, T, _ = x.shape
         qkv = self.wqkv(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
-        qk, v = qkv[:, :, : self.n_head + self.n_kv_head], qkv[:, :, self.n_head + self.n_kv_head :]
+        # split, not slicing: in training, split's backward is one cat, a slice's a zero-filled copy each
+        qk, v = qkv.split((self.n_head + self.n_kv_head, self.n_kv_head), dim=2)
         if rope is not None:
             qk = apply_rope(qk, *rope)  # q and k heads rotated together: half the small ops per token
         q, k = qk.split((self.n_head, self.n_kv_head), dim=2)

@@ -24,7 +24,6 @@ import os
 import shutil
 import sys
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -252,7 +251,8 @@ def wrap(model: GPT, s: TrainSettings, device):
     if distributed.world_size() > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        runner = DistributedDataParallel(model, device_ids=[torch.device(device).index] if torch.device(device).type == "cuda" else None)
+        on_gpu = torch.device(device).type == "cuda"
+        runner = DistributedDataParallel(model, device_ids=[torch.device(device).index] if on_gpu else None)
     return (torch.compile(runner) if s.compile else runner), runner
 
 
@@ -331,9 +331,8 @@ def train(model: GPT, tokenizer, data, s: TrainSettings, *, resume: bool = False
             except Exception as e:  # compiling happens at the first call: fall back to eager if it fails
                 if runner is eager:
                     raise
-                warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                              "training without it")
-                log("torch.compile failed; training without it")
+                log(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                    "training without it")
                 optimizer.zero_grad(set_to_none=True)
                 runner = eager
                 loss, n_tokens = run_step(step, runner)

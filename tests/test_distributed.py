@@ -1,15 +1,12 @@
 """Training on several processes: `torchrun --nproc_per_node 2` (gloo, CPU) against one process.
 
 The global batch is the same whatever the number of processes, so the two runs give the same loss
-curve (up to float summation order); a DDP run resumes exactly from its checkpoint. About 40 s: four
-CLI runs, two of them with two processes, on a 2-layer model of width 64.
+curve (up to float summation order); a DDP run resumes exactly from its checkpoint. Five CLI runs, three
+of them with two processes, on a 2-layer model of width 64: about 2 minutes on a busy 2-core machine.
 """
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,10 +14,9 @@ import torch
 
 import gptchat
 from gptchat.tokenizer_train import train_tokenizer
+from test_train import TEXT, run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
-TEXT = "".join(f"The cat number {i % 7} sat on the mat, and the dog ran in the park. " for i in range(120))
-CHATS = [
+DIALOGUES = [  # of different lengths: the two ranks' shares hold different numbers of assistant tokens
     {"messages": [{"role": "user", "content": "Where is the cat?"}, {"role": "assistant", "content": "On the mat."}]},
     {"messages": [{"role": "user", "content": "Where is the dog?"},
                   {"role": "assistant", "content": "In the park, running after a ball."}]},
@@ -30,17 +26,7 @@ CHATS = [
 
 
 def run(args, cwd, processes: int = 1):
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", GPTCHAT_CACHE=str(cwd / "cache"))
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    launcher = [sys.executable, "-m", "gptchat.cli"]
-    if processes > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-                    "-m", "gptchat.cli"]
-    r = subprocess.run([*launcher, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "Traceback" not in r.stderr, f"{args}\n{r.stdout}\n{r.stderr}"
-    return r
+    return run_cli(*args, cwd=cwd, processes=processes)
 
 
 def losses(run_dir: Path) -> dict[int, dict]:
@@ -51,7 +37,7 @@ def losses(run_dir: Path) -> dict[int, dict]:
 def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("ddp")
     (d / "corpus.txt").write_text(TEXT)
-    (d / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in CHATS * 4))
+    (d / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in DIALOGUES * 4))
     tok, _ = train_tokenizer([d / "corpus.txt"], 320)
     tok.save(d / "tok")
     return d
@@ -91,11 +77,10 @@ def test_two_processes_give_the_loss_curve_of_one_and_resume_exactly(workdir):
 
 
 @pytest.mark.slow
-def test_sft_masked_loss_is_the_same_on_two_processes(workdir):
+def test_sft_masked_loss_is_the_same_on_two_processes(workdir, tiny_llama_dir):
     """Conversations differ in length, so the ranks hold different numbers of assistant tokens: the loss
     must still be the mean over the global batch's assistant tokens."""
-    run([*PRETRAIN, "--steps", "2", "--seq-len", "96", "--out", "base"], workdir)
-    sft = ["sft", "--model", "base/model", "--data", "chats.jsonl", "--batch-size", "4", "--steps", "3", "--lr", "3e-3",
+    sft = ["sft", "--model", tiny_llama_dir[0], "--data", "chats.jsonl", "--batch-size", "4", "--steps", "3", "--lr", "3e-3",
            "--dtype", "fp32", "--sample-tokens", "0", "--val-fraction", "0.25"]
     run([*sft, "--out", "sft1"], workdir)
     run([*sft, "--out", "sft2"], workdir, processes=2)

@@ -203,11 +203,16 @@ def test_sft_trains_on_dialogues_and_refuses_int8(corpus, tmp_path):
     assert out.config == lm.config
 
 
-def run_cli(*args, cwd):
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", GPTCHAT_CACHE=str(cwd / "cache"))
+def run_cli(*args, cwd, env=None, processes: int = 1):
+    """`gptchat ARGS` in a subprocess (under torchrun with `processes` > 1); asserts it succeeds."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", GPTCHAT_CACHE=str(cwd / "cache"), **(env or {}))
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    r = subprocess.run([sys.executable, "-m", "gptchat.cli", *map(str, args)], cwd=cwd, env=env,
-                       capture_output=True, text=True, timeout=300)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # not inside someone's torchrun
+        env.pop(name, None)
+    launcher = [sys.executable, "-m", "gptchat.cli"]
+    if processes > 1:
+        launcher[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    r = subprocess.run([*launcher, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "Traceback" not in r.stderr, f"{args}\n{r.stdout}\n{r.stderr}"
     return r
 
@@ -233,6 +238,22 @@ def test_cli_tokenizer_pretrain_sft_generate(tmp_path):
     assert "LlamaForCausalLM" in r.stdout and (tmp_path / "hf" / "model.safetensors").is_file()
     # resuming a finished run changes nothing and still leaves the model
     run_cli("pretrain", "--data", "corpus.txt", "--tokenizer", "tok", "--out", "pt", "--resume", *small, cwd=tmp_path)
+
+
+@pytest.mark.slow
+def test_compile_falls_back_to_eager_when_it_cannot_compile(tmp_path):
+    """A machine without a C++ compiler cannot build inductor's CPU kernels: --compile warns and trains
+    eagerly, to the same losses as a run without it. About 40 s (tracing before the failure)."""
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    train_tokenizer([tmp_path / "corpus.txt"], 320)[0].save(tmp_path / "tok")
+    flags = ["pretrain", "--data", "corpus.txt", "--tokenizer", "tok", "--depth", "2", "--width", "64", "--heads", "2",
+             "--steps", "3", "--batch-size", "4", "--seq-len", "32", "--sample-tokens", "0"]
+    r = run_cli(*flags, "--out", "compiled", "--compile", cwd=tmp_path,
+                env={"CXX": "/bin/false", "CC": "/bin/false", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
+    assert "warning: torch.compile failed" in r.stderr and "training without it" in r.stderr
+    run_cli(*flags, "--out", "eager", cwd=tmp_path)
+    compiled, eager = ((tmp_path / d / "metrics.jsonl").read_text().splitlines() for d in ("compiled", "eager"))
+    assert [json.loads(line)["loss"] for line in compiled[1:]] == [json.loads(line)["loss"] for line in eager[1:]]
 
 
 def test_sft_from_a_hugging_face_directory(tiny_llama_dir, tmp_path):
