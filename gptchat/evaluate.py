@@ -365,7 +365,7 @@ def write_report(results: dict, directory) -> Path:
         plot_loss(results["run"]["metrics"], directory / "loss.png", f"training run {Path(results['run']['path']).name}")
         results["run"]["plot"] = "loss.png"
     for name, text in (("report.md", markdown(results)),
-                       ("results.json", json.dumps({k: v for k, v in results.items()}, indent=2, default=str))):
+                       ("results.json", json.dumps(results, indent=2, default=str))):
         tmp = directory / f".{name}.tmp"
         tmp.write_text(text + "\n", encoding="utf-8")
         os.replace(tmp, directory / name)
