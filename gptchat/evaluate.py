@@ -78,6 +78,8 @@ def text_metrics(lm, paths, *, window: int | None = None, stride: int | None = N
     Each document starts with the tokenizer's BOS (else end-of-text) token, so its first token is
     scored too and bits per byte covers every byte.
     """
+    if window is not None and window < 2:
+        raise GptchatError(f"the window must hold at least 2 tokens; got {window}")
     window = min(window or lm.config.max_seq_len, lm.config.max_seq_len)
     stride = stride or max(1, window // 2)
     if not 0 < stride <= window:
