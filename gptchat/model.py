@@ -195,14 +195,18 @@ class Attention(nn.Module):
 def fuse_projections(state: dict, n_layer: int) -> dict:
     """Checkpoint formats store q, k, v (and gate, up) as separate matrices; we keep each group as one
     Linear. Turn `attn.wq/wk/wv` into `attn.wqkv` and `mlp.w_gate` + `mlp.w_up` into `mlp.w_gate_up`.
+    Quantized parts (scale, offset) are fused alike; parts quantized differently are dequantized first.
     A group with a part missing is left alone, so the loader reports the missing tensor by name."""
-    import torch
+    from .quantize import same_format
 
     groups = (("attn", ("wq", "wk", "wv"), "wqkv"), ("mlp", ("w_gate", "w_up"), "w_gate_up"))
     for i in range(n_layer):
         for module, parts, fused in groups:
-            for kind in ("weight", "bias"):
-                names = [f"blocks.{i}.{module}.{p}.{kind}" for p in parts]
+            prefixes = [f"blocks.{i}.{module}.{p}." for p in parts]
+            if all(p + "weight" in state for p in prefixes):
+                same_format(state, prefixes)
+            for kind in ("weight", "bias", "scale", "offset"):
+                names = [p + kind for p in prefixes]
                 if all(n in state for n in names):
                     state[f"blocks.{i}.{module}.{fused}.{kind}"] = torch.cat([state.pop(n) for n in names])
     return state
