@@ -104,8 +104,11 @@ def test_layers_from_gguf_blocks_match_dequantized_matmul(qtype):
 
 
 def test_int8_per_row_linear_matches_dequantized_matmul():
+    """One scale per row (int8 checkpoints written before grouped scales, or no int4 kernel): the int8 kernel."""
     linear = torch.nn.Linear(256, 96)
-    q = Int8Linear.from_linear(linear)
+    q = Int8Linear(256, 96, True)
+    q.weight, q.scale = quantize.quantize_int8(linear.weight.detach())
+    q.bias = linear.bias.detach()
     assert q.scale.shape == (96, 1)
     assert (q.dequantized() - linear.weight).abs().max() <= q.scale.max() / 2 + 1e-7
     check_against_dequantized(q, 256)

@@ -81,7 +81,7 @@ def cache_dir_for(path: Path, quant: str) -> Path:
 def is_cached(path: str | os.PathLike | None, quant: str | None = "none") -> bool:
     """Whether loading this GGUF will come from the cache (the CLI says so when it will not)."""
     path = Path(path if path is not None else default_model_path())
-    return path.is_file() and is_native(cache_dir_for(path, resolve_mode(quant)))
+    return path.is_file() and is_native(cache_dir_for(path, resolve_mode(quant, "gguf")))
 
 
 def detect_format(path: Path) -> str:
@@ -158,12 +158,12 @@ def load_model(path: str | os.PathLike | None = None, *, quant: str | None = "no
 
     quant: "none" keeps float32 weights (exact); "int8" / "int4" quantize the Linear layers and the tied
     head (faster decoding; GGUF Q8_0 / Q4_0 / Q4_1 blocks are taken as they are); "auto" picks the
-    fastest mode for this CPU.
+    fastest mode that keeps quality (quantize.resolve_mode).
     """
     path = Path(path if path is not None else default_model_path()).expanduser()
     automatic = quant in (None, "auto")
-    quant = resolve_mode(quant)
     kind = detect_format(path)
+    quant = resolve_mode(quant, kind)
     if kind == "gguf":
         model, tokenizer, info = load_gguf_cached(path, quant, use_cache)
     else:
