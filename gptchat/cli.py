@@ -43,6 +43,11 @@ def add_model_flags(p: argparse.ArgumentParser):
     p.add_argument("--no-cache", action="store_true", help="do not read or write the converted-model cache")
 
 
+def add_compile_flag(p: argparse.ArgumentParser):
+    p.add_argument("--compile", action="store_true", help="decode through a torch.compile'd step (the first run "
+                   "compiles for a minute or more and caches it; falls back to eager if compiling fails)")
+
+
 def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int):
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
@@ -101,7 +106,7 @@ def cmd_generate(args) -> int:
     prompt = args.prompt
     if prompt == "-":  # the newline that ends piped input is not part of the prompt
         prompt = sys.stdin.read().removesuffix("\n") if args.raw else sys.stdin.read().strip()
-    engine = Engine(load(args))
+    engine = Engine(load(args), compile=args.compile)
     if args.raw:
         ids = engine.encode(prompt)
     else:
@@ -120,7 +125,7 @@ def cmd_chat(args) -> int:
 
     params = sampling_params(args)
     lm = load(args)
-    session = ChatSession(Engine(lm), Conversation.with_system(args.system), params)
+    session = ChatSession(Engine(lm, compile=args.compile), Conversation.with_system(args.system), params)
     interactive = sys.stdin.isatty()
     if interactive:
         try:
@@ -398,12 +403,14 @@ def make_parser() -> Parser:
     p = sub.add_parser("chat", help="chat in the terminal, streaming", description="Multi-turn chat in the terminal.",
                        epilog=CHAT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(p)
+    add_compile_flag(p)
     p.add_argument("--system", "-s", metavar="TEXT", help="system prompt (default: the model template's own)")
     add_sampling_flags(p, max_new_tokens=512)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="one reply to one prompt", description="Print one reply to PROMPT.")
     add_model_flags(p)
+    add_compile_flag(p)
     p.add_argument("prompt", metavar="PROMPT", help="the prompt; - reads it from stdin")
     p.add_argument("--raw", action="store_true", help="continue the text as it is, without the chat template")
     p.add_argument("--system", "-s", metavar="TEXT", help="system prompt (not with --raw)")

@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .checkpoints import LoadedModel
+from .compiled import CompiledDecoder
 from .errors import ContextLengthError
 from .model import KVCache
 from .sampling import SamplingParams, TokenSampler
@@ -88,9 +89,12 @@ class SequenceOutput:
 
 
 class Engine:
-    def __init__(self, lm: LoadedModel):
+    def __init__(self, lm: LoadedModel, compile: bool = False):
+        """compile=True decodes single sequences through a torch.compile'd step (gptchat/compiled.py):
+        the first run compiles (tens of seconds, cached on disk), and it falls back to eager if that fails."""
         self.lm = lm
         self.model = lm.model
+        self._decoder = CompiledDecoder(lm.model) if compile else None
         self.tokenizer = lm.tokenizer
         self.context_length = lm.config.max_seq_len
         self.vocab_size = min(lm.config.vocab_size, self.tokenizer.vocab_size)
@@ -136,9 +140,11 @@ class Engine:
 
     @torch.inference_mode()
     def _decode_step(self, token: int) -> torch.Tensor:
-        logits = self.model(torch.tensor([[token]]), cache=self._cache, last_only=True)
+        logits = self._decoder(token, self._cache) if self._decoder is not None else None
+        if logits is None:  # eager (also when compiling failed)
+            logits = self.model(torch.tensor([[token]]), cache=self._cache, last_only=True)[0, -1]
         self._cached_ids.append(token)
-        return logits[0, -1]
+        return logits
 
     def start(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> SequenceOutput:
         """Validate the request (eagerly, so errors come before any output) and set up its output side."""

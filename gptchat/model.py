@@ -288,6 +288,13 @@ class GPT(nn.Module):
             return self.tok_emb.project(x)
         return F.linear(x, self.tok_emb.weight)
 
+    def embed(self, idx: torch.Tensor, positions: torch.Tensor):
+        """Token embeddings (plus learned positions for GPT-2), and RoPE's cos/sin for Llama (else None)."""
+        x = self.tok_emb(idx)
+        if self.config.arch == "gpt2":
+            return x + self.pos_emb(positions), None
+        return x, rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+
     def forward(
         self,
         idx: torch.Tensor,
@@ -310,12 +317,7 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds the context length {self.config.max_seq_len}")
         if positions is None:
             positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
-        x = self.tok_emb(idx)
-        rope = None
-        if self.config.arch == "gpt2":
-            x = x + self.pos_emb(positions)
-        else:
-            rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        x, rope = self.embed(idx, positions)
         mask = None
         if key_mask is not None:
             # padding keys are hidden; each query also sees itself so padding rows stay finite (no NaN)
@@ -333,5 +335,8 @@ class GPT(nn.Module):
         return self.head(self.norm(x))
 
     def num_parameters(self) -> int:
-        """Number of weights (a quantized weight counts its values; its scales are not weights)."""
-        return sum(t.numel() for name, t in self.state_dict().items() if not name.endswith(".scale"))
+        """Number of weights (a quantized weight counts its values, two per byte for int4; scales and
+        offsets are not weights)."""
+        state = self.state_dict().items()
+        return sum(t.numel() * (2 if t.dtype == torch.uint8 else 1)
+                   for name, t in state if not name.endswith((".scale", ".offset")))
