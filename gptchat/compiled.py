@@ -69,6 +69,18 @@ def use_cache_dir() -> None:
     inductor_config.fx_graph_cache = True
 
 
+_STEP = None
+
+
+def compiled_step():
+    """decode_step through torch.compile, once per process: every engine shares its compiled graphs."""
+    global _STEP
+    if _STEP is None:
+        use_cache_dir()
+        _STEP = torch.compile(decode_step, fullgraph=True)
+    return _STEP
+
+
 class CompiledDecoder:
     """Decodes one token for a KVCache of batch size 1 through the compiled step; eager if it fails."""
 
@@ -80,9 +92,8 @@ class CompiledDecoder:
 
     def _compiled(self):
         if self._fn is None:
-            use_cache_dir()
             prepare_kernels(self.model)
-            self._fn = torch.compile(decode_step, fullgraph=True)
+            self._fn = compiled_step()
         return self._fn
 
     @torch.inference_mode()
@@ -96,8 +107,7 @@ class CompiledDecoder:
         torch._dynamo.mark_dynamic(window, 0)
         torch._dynamo.mark_dynamic(cache.k, 3)
         torch._dynamo.mark_dynamic(cache.v, 3)
-        first = self._fn is None
-        if first and self.announce:
+        if _STEP is None and self.announce:
             print("gptchat: compiling the decode step (the first time takes a while; it is cached)...",
                   file=sys.stderr, flush=True)
         try:

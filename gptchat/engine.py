@@ -9,6 +9,7 @@ message is computed. `Engine.generate_batch` decodes several prompts together, l
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -22,6 +23,28 @@ from .sampling import SamplingParams, TokenSampler
 from .streaming import IncrementalDetokenizer, StopStringMatcher
 
 PREFILL_CHUNK = 512  # long prompts are prefilled in chunks so attention scores stay small
+
+
+def cpu_has_fast_bf16() -> bool:
+    """bfloat16 matmuls beat float32 only with native bf16 instructions (avx512_bf16, AMX); on plain AVX2 they
+    are several times slower."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def prefill_dtype() -> torch.dtype:
+    """The dtype prompts are computed in: bfloat16 where the CPU has fast bf16 matmuls, else float32.
+    GPTCHAT_PREFILL_DTYPE=float32 (or bfloat16) overrides; decoding is unaffected."""
+    choice = os.environ.get("GPTCHAT_PREFILL_DTYPE", "").strip().lower()
+    if choice in ("float32", "fp32"):
+        return torch.float32
+    if choice in ("bfloat16", "bf16"):
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 CACHE_START = 1024  # positions allocated up front; the KV cache doubles when a sequence outgrows it
 
 
@@ -132,11 +155,13 @@ class Engine:
         shared = min(shared, len(prompt_ids) - 1)  # at least one token must run to give logits
         self._cache.truncate(shared)
         self._cached_ids = self._cached_ids[:shared]
+        dtype = prefill_dtype()
         for start in range(shared, len(prompt_ids), PREFILL_CHUNK):
             chunk = prompt_ids[start : start + PREFILL_CHUNK]
-            logits = self.model(torch.tensor([chunk]), cache=self._cache, last_only=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                logits = self.model(torch.tensor([chunk]), cache=self._cache, last_only=True)
             self._cached_ids += chunk
-        return logits[0, -1]
+        return logits[0, -1].float()
 
     @torch.inference_mode()
     def _decode_step(self, token: int) -> torch.Tensor:

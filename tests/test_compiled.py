@@ -44,6 +44,7 @@ def test_failed_compile_falls_back_to_eager(tiny_llama_dir, monkeypatch):
         return run
 
     monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(compiled, "_STEP", None)  # not the graphs another test compiled
     params = SamplingParams(temperature=0, max_new_tokens=10)
     engine = Engine(lm, compile=True)
     with pytest.warns(UserWarning, match="no working C"):
@@ -51,3 +52,22 @@ def test_failed_compile_falls_back_to_eager(tiny_llama_dir, monkeypatch):
     assert engine._decoder.failed
     assert result.token_ids == Engine(lm).generate(PROMPT, params).token_ids
     assert compiled.CompiledDecoder(lm.model).failed is False
+
+
+def test_bf16_prefill_stays_close(tiny_llama_dir, monkeypatch):
+    """Prefill in bfloat16 (automatic on CPUs with avx512_bf16/AMX; forced here) keeps the greedy tokens."""
+    from gptchat import engine as engine_module
+
+    lm = gptchat.load_model(tiny_llama_dir[0], quant="int8")
+    params = SamplingParams(temperature=0, max_new_tokens=8)
+    monkeypatch.setenv("GPTCHAT_PREFILL_DTYPE", "float32")
+    assert engine_module.prefill_dtype() == torch.float32
+    fp32 = Engine(lm)
+    exact = fp32._prefill(list(range(3, 40)), 50)
+    expected = Engine(lm).generate(PROMPT, params).token_ids
+    monkeypatch.setenv("GPTCHAT_PREFILL_DTYPE", "bfloat16")
+    bf16 = Engine(lm)
+    approx = bf16._prefill(list(range(3, 40)), 50)
+    assert approx.dtype == torch.float32 and bf16._cache.k.dtype == torch.float32
+    assert (approx - exact).abs().max() < 0.05 * exact.abs().max()
+    assert Engine(lm).generate(PROMPT, params).token_ids == expected

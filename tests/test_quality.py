@@ -10,7 +10,6 @@ int8 0.0018 / 1.004, int4 from GGUF 0.0007 / 1.001, int4 requantized 0.057 / 1.0
 import copy
 
 import pytest
-import torch
 
 import gptchat
 from gptchat import Engine, SamplingParams, build_prompt
