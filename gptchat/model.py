@@ -196,14 +196,18 @@ class Attention(nn.Module):
 def fuse_projections(state: dict, n_layer: int) -> dict:
     """Checkpoint formats store q, k, v (and gate, up) as separate matrices; we keep each group as one
     Linear. Turn `attn.wq/wk/wv` into `attn.wqkv` and `mlp.w_gate` + `mlp.w_up` into `mlp.w_gate_up`.
+    Quantized parts (scale, offset) are fused alike; parts quantized differently are dequantized first.
     A group with a part missing is left alone, so the loader reports the missing tensor by name."""
-    import torch
+    from .quantize import same_format
 
     groups = (("attn", ("wq", "wk", "wv"), "wqkv"), ("mlp", ("w_gate", "w_up"), "w_gate_up"))
     for i in range(n_layer):
         for module, parts, fused in groups:
-            for kind in ("weight", "bias"):
-                names = [f"blocks.{i}.{module}.{p}.{kind}" for p in parts]
+            prefixes = [f"blocks.{i}.{module}.{p}." for p in parts]
+            if all(p + "weight" in state for p in prefixes):
+                same_format(state, prefixes)
+            for kind in ("weight", "bias", "scale", "offset"):
+                names = [p + kind for p in prefixes]
                 if all(n in state for n in names):
                     state[f"blocks.{i}.{module}.{fused}.{kind}"] = torch.cat([state.pop(n) for n in names])
     return state
@@ -285,6 +289,13 @@ class GPT(nn.Module):
             return self.tok_emb.project(x)
         return F.linear(x, self.tok_emb.weight)
 
+    def embed(self, idx: torch.Tensor, positions: torch.Tensor):
+        """Token embeddings (plus learned positions for GPT-2), and RoPE's cos/sin for Llama (else None)."""
+        x = self.tok_emb(idx)
+        if self.config.arch == "gpt2":
+            return x + self.pos_emb(positions), None
+        return x, rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+
     def forward(
         self,
         idx: torch.Tensor,
@@ -307,12 +318,7 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds the context length {self.config.max_seq_len}")
         if positions is None:
             positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
-        x = self.tok_emb(idx)
-        rope = None
-        if self.config.arch == "gpt2":
-            x = x + self.pos_emb(positions)
-        else:
-            rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        x, rope = self.embed(idx, positions)
         mask = None
         if key_mask is not None:
             # padding keys are hidden; each query also sees itself so padding rows stay finite (no NaN)
@@ -330,5 +336,8 @@ class GPT(nn.Module):
         return self.head(self.norm(x))
 
     def num_parameters(self) -> int:
-        """Number of weights (a quantized weight counts its values; its scales are not weights)."""
-        return sum(t.numel() for name, t in self.state_dict().items() if not name.endswith(".scale"))
+        """Number of weights (a quantized weight counts its values, two per byte for int4; scales and
+        offsets are not weights)."""
+        state = self.state_dict().items()
+        return sum(t.numel() * (2 if t.dtype == torch.uint8 else 1)
+                   for name, t in state if not name.endswith((".scale", ".offset")))

@@ -159,7 +159,7 @@ def test_int8_linear_matches_dequantized_matmul():
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 96)
     q = Int8Linear.from_linear(linear)
-    w_int8, scale = quantize_int8(linear.weight)
+    w_int8, scale = quantize_int8(linear.weight, q.group_size)
     assert torch.equal(q.weight, w_int8)
     assert (q.dequantized() - linear.weight).abs().max() <= scale.max() / 2 + 1e-7  # rounding error bound
     reference = torch.nn.functional.linear

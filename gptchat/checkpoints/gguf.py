@@ -1,6 +1,8 @@
 """GGUF files (llama.cpp's format): metadata -> GPTConfig, tensors -> our state dict, tokenizer and template.
 
-Quantized tensors are dequantized to float32 with the `gguf` package. llama.cpp stores the q/k
+Quantized tensors are dequantized to float32 with the `gguf` package, except where the requested
+quantization can hold a tensor's blocks exactly (`EXACT`): then its Q8_0 / Q4_0 / Q4_1 blocks become the
+int8 / int4 tensors of our quantized layers, value for value. llama.cpp stores the q/k
 projections of Llama models permuted for its interleaved RoPE; we undo that so our rotate-half RoPE
 (the Hugging Face convention) computes exactly the same thing.
 """
@@ -12,6 +14,7 @@ import torch
 
 from ..errors import ModelLoadError
 from ..model import GPTConfig, fuse_projections
+from ..quantize import from_blocks
 
 GGUF_ARCHS = {"llama": "llama", "gpt2": "gpt2"}
 
@@ -28,6 +31,9 @@ BLOCK_NAMES = {
     "ffn_up": "mlp.w_up",
     "ffn_down": "mlp.w_down",
 }
+# GGUF block types each quantization mode takes as they are. int4 keeps Q8_0 tensors at 8 bits: the file's
+# author chose more precision for them (llama.cpp's Q4 files do so for the embedding, the largest matrix).
+EXACT = {"none": (), "int8": ("Q8_0",), "int4": ("Q8_0", "Q4_0", "Q4_1")}
 TOP_NAMES = {"token_embd": "tok_emb", "position_embd": "pos_emb", "output_norm": "norm", "output": "lm_head"}
 
 
@@ -108,32 +114,41 @@ def tensor_types(reader) -> dict[str, int]:
     return counts
 
 
-def read_state_dict(reader, config: GPTConfig, path: str) -> dict[str, torch.Tensor]:
+def read_state_dict(reader, config: GPTConfig, path: str, quant: str = "none") -> dict[str, torch.Tensor]:
     from gguf.quants import dequantize
 
     state = {}
     for t in reader.tensors:
-        try:
-            w = dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            raise ModelLoadError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which cannot be dequantized") from None
-        # a copy: for F32 tensors dequantize() returns a view into the read-only memory map of the file
-        w = np.array(w, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
         name = our_name(t.name)
         if name is None:
             if t.name.startswith("rope_freqs"):
                 raise ModelLoadError(f"{path}: RoPE frequency scaling (rope_freqs) is not supported")
             continue  # tensors we do not use (none in llama/gpt2 files we know of)
-        if config.arch == "llama" and ".attn.wq." in name:
-            w = unpermute(w, config.n_head)
-        elif config.arch == "llama" and ".attn.wk." in name:
-            w = unpermute(w, config.n_kv_head)
-        state[name] = torch.from_numpy(w)
+        shape = [int(d) for d in reversed(t.shape)]
+        parts = None
+        if t.tensor_type.name in EXACT[quant] and len(shape) == 2 and not name.startswith("pos_emb."):
+            parts = from_blocks(t.tensor_type.name, t.data, *shape)
+        if parts is None:
+            try:
+                w = dequantize(t.data, t.tensor_type)
+            except NotImplementedError:
+                raise ModelLoadError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which cannot be dequantized") from None
+            # a copy: for F32 tensors dequantize() returns a view into the read-only memory map of the file
+            parts = {"weight": torch.from_numpy(np.array(w, dtype=np.float32).reshape(shape))}
+        base = name.removesuffix("weight").removesuffix("bias")
+        if base == "tok_emb." and "scale" in parts:
+            base = "tok_emb.head."  # the quantized embedding lives in its head (QuantizedEmbedding)
+        for kind, tensor in parts.items():
+            if config.arch == "llama" and ".attn.wq." in name:
+                tensor = unpermute(tensor, config.n_head)  # rows of every part: weights, scales, offsets
+            elif config.arch == "llama" and ".attn.wk." in name:
+                tensor = unpermute(tensor, config.n_kv_head)
+            state[base + (kind if kind != "weight" else name.rpartition(".")[2])] = tensor
     return fuse_projections(state, config.n_layer)
 
 
-def load_gguf(path: str):
-    """(config, state_dict, tokenizer, info) from a GGUF file."""
+def load_gguf(path: str, quant: str = "none"):
+    """(config, state_dict, tokenizer, info) from a GGUF file; `quant` says which blocks to keep as they are."""
     from ..tokenizer import Tokenizer
 
     reader = open_reader(path)
@@ -142,7 +157,7 @@ def load_gguf(path: str):
         tokenizer = Tokenizer.from_gguf(reader)
     except ModelLoadError as e:
         raise ModelLoadError(f"{path}: {e}") from None
-    state = read_state_dict(reader, config, path)
+    state = read_state_dict(reader, config, path, quant)
     types = tensor_types(reader)
     info = {
         "name": field_value(reader, "general.name") or "",
