@@ -523,7 +523,7 @@ def add_data_and_eval_commands(sub):
                        "(and loss.png from a training run's metrics with --run).")
     p.add_argument("--model", "-m", metavar="M", help="a gptchat checkpoint, .gguf file or Hugging Face directory "
                    "(default: the default model)")
-    p.add_argument("--quant", choices=("auto", "none", "int8"), default="none",
+    p.add_argument("--quant", choices=("auto", "none", "int8", "int4"), default="none",
                    help="weights in memory (default none: exact float32)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the converted-model cache")
     p.add_argument("--text", nargs="+", metavar="PATH", help="loss, perplexity and bits per byte on text files "

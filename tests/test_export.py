@@ -98,10 +98,12 @@ def test_quantized_gguf_exports_dequantized(tiny_llama_dir, tmp_path):
     check_export(gptchat.load_model(path, quant="none", use_cache=False), tmp_path / "out")
 
 
-def test_int8_in_memory_exports_its_dequantized_weights(tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_in_memory_exports_its_dequantized_weights(tiny_llama_dir, tmp_path, quant):
     hf_dir, _ = tiny_llama_dir
-    lm = gptchat.load_model(hf_dir, quant="int8")
-    # 40 positions: more rows than the int8 decode kernel takes, so our forward uses the dequantized weights too
+    lm = gptchat.load_model(hf_dir, quant=quant)
+    assert lm.info.get("quant", quant) == quant
+    # 40 positions: more rows than the decode kernels take, so our forward uses the dequantized weights too
     hf = check_export(lm, tmp_path / "out", n_tokens=40)
     ours = float_state_dict(lm.model)
     assert torch.equal(hf.state_dict()["model.layers.0.mlp.down_proj.weight"], ours["blocks.0.mlp.w_down.weight"])

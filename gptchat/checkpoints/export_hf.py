@@ -21,6 +21,7 @@ import torch
 
 from ..errors import GptchatError
 from ..model import GPT, GPTConfig
+from ..quantize import dequantize_parts
 from ..templates import CHATML_TEMPLATE
 from .native import atomic_directory
 
@@ -28,13 +29,14 @@ HF_ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu"}  # our GPT-2 activati
 
 
 def float_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """Our state dict in float32 on the CPU; int8 layers (weight + scale) become their dequantized weight."""
+    """Our state dict in float32 on the CPU; quantized layers (int8 or int4: weight + scale [+ offset])
+    become their dequantized weight, exactly what our forward computes with."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     for name in [k for k in state if k.endswith(".scale")]:
         base = name[: -len("scale")]  # "...wqkv." or "tok_emb.head."
-        weight = state.pop(base + "weight").float() * state.pop(name)[:, None]
+        parts = {k: state.pop(base + k) for k in ("weight", "scale", "offset") if base + k in state}
         target = "tok_emb.weight" if base == "tok_emb.head." else base + "weight"
-        state[target] = weight
+        state[target] = dequantize_parts(parts)
     return {k: v.float().contiguous() for k, v in state.items()}
 
 
