@@ -146,7 +146,7 @@ def main() -> int:
     p.add_argument("--url", help="a running server's base URL (without /v1); default: start gptchat serve")
     p.add_argument("--api-key", default=os.environ.get("GPTCHAT_API_KEY"), help="for --url")
     p.add_argument("--model", help="GGUF for both servers (default: the default model)")
-    p.add_argument("--quant", default="auto", choices=("auto", "none", "int8"), help="gptchat's weights")
+    p.add_argument("--quant", default="auto", choices=("auto", "none", "int8", "int4"), help="gptchat's weights")
     p.add_argument("--max-concurrency", type=int, default=8, help="gptchat's running batch (default 8)")
     p.add_argument("--requests", type=int, default=32, help="requests per server (default 32)")
     p.add_argument("--rate", type=float, default=2.0, help="Poisson arrival rate, requests/s (default 2)")
