@@ -5,6 +5,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 import tiny_models  # noqa: E402
 
@@ -50,3 +51,12 @@ def default_lm():
     import gptchat
 
     return gptchat.load_model(quant="none")
+
+
+@pytest.fixture
+def one_thread():
+    """Models this small run fastest on one thread (two fight over a shared 2-core machine)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

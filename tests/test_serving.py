@@ -21,7 +21,6 @@ import torch
 openai = pytest.importorskip("openai")
 
 import gptchat  # noqa: E402
-import tiny_models  # noqa: E402
 from gptchat import SamplingParams  # noqa: E402
 from gptchat.chat import prompt_ids as chat_prompt_ids  # noqa: E402
 from gptchat.engine import DecodeBatch, Engine  # noqa: E402
@@ -34,21 +33,14 @@ LONG = 1500  # a reply that runs for seconds on the slowed tiny model: time to d
 
 
 @pytest.fixture(scope="module")
-def long_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama-2k")
-    tiny_models.hf_llama(d, max_positions=2048)
-    return d
+def long_lm(long_llama_dir):
+    return gptchat.load_model(long_llama_dir, quant="none")
 
 
 @pytest.fixture(scope="module")
-def long_lm(long_dir):
-    return gptchat.load_model(long_dir, quant="none")
-
-
-@pytest.fixture(scope="module")
-def slow_lm(long_dir):
+def slow_lm(long_llama_dir):
     """The same tiny model at about a real model's pace, so that a long reply lasts seconds."""
-    lm = gptchat.load_model(long_dir, quant="none")
+    lm = gptchat.load_model(long_llama_dir, quant="none")
     lm.model.register_forward_pre_hook(lambda module, args: time.sleep(0.002))
     return lm
 
@@ -353,12 +345,12 @@ def test_cors_only_when_asked(long_lm):
         assert r.headers.get("access-control-allow-origin") != "http://evil.example"
 
 
-def test_sigterm_ends_streams_cleanly_and_exits_0(long_dir, long_lm):
+def test_sigterm_ends_streams_cleanly_and_exits_0(long_llama_dir, long_lm):
     """`gptchat serve` gets SIGTERM during a stream: the stream ends with a final error chunk and [DONE],
     nothing half-written, and the process exits with status 0. (~8 s) With --shutdown-grace 0 the reply
     (2000 tokens) is ended at once; a grace of N seconds would let it run on for N seconds first."""
     port = free_port()
-    cmd = [sys.executable, "-m", "gptchat.cli", "serve", "--model", str(long_dir), "--quant", "none",
+    cmd = [sys.executable, "-m", "gptchat.cli", "serve", "--model", str(long_llama_dir), "--quant", "none",
            "--port", str(port), "--shutdown-grace", "0", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -42,13 +42,7 @@ def corpus(tmp_path_factory):
     return d, tok, d / "shards"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Models this small run fastest on one thread (two fight over a shared 2-core machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def tiny_model(tok, seq_len=32, seed=0):
