@@ -212,7 +212,7 @@ def run_cli(*args, cwd, env=None, processes: int = 1):
 
 
 @pytest.mark.slow
-def test_cli_tokenizer_pretrain_sft_generate(tmp_path):
+def test_cli_tokenizer_pretrain_sft_eval_generate_export(tmp_path):
     (tmp_path / "corpus.txt").write_text(TEXT)
     (tmp_path / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in CHATS * 5))
     r = run_cli("tokenizer", "train", "corpus.txt", "--vocab-size", "320", "--out", "tok", cwd=tmp_path)
@@ -225,6 +225,10 @@ def test_cli_tokenizer_pretrain_sft_generate(tmp_path):
     r = run_cli("sft", "--model", "pt/model", "--data", "chats.jsonl", "--out", "sft", "--lr", "3e-3", "--schedule", "linear",
                 *small, cwd=tmp_path)
     assert "val_loss" in r.stderr
+    r = run_cli("eval", "--model", "sft/model", "--text", "corpus.txt", "--chats", "--run", "pt", "--report", "report",
+                cwd=tmp_path)
+    assert "bits/byte" in r.stdout and "sample chats" in r.stdout, r.stdout
+    assert (tmp_path / "report" / "report.md").is_file() and (tmp_path / "report" / "loss.png").is_file()
     r = run_cli("generate", "--model", "sft/model", "--temperature", "0", "--max-new-tokens", "8", "Where is the cat?",
                 cwd=tmp_path)
     assert r.stdout.strip()
