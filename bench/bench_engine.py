@@ -288,7 +288,7 @@ class LlamaCppAdapter(Adapter):
         import llama_cpp
 
         self.llm = llama_cpp.Llama(
-            model_path=self.spec["model"], n_ctx=2048, n_threads=self.spec["threads"],
+            model_path=self.spec["model"], n_ctx=2048, n_batch=2048, n_threads=self.spec["threads"],
             n_threads_batch=self.spec["threads"], verbose=False,
         )
         self.eos_ids = sorted({self.llm.token_eos()})
