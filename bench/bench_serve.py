@@ -30,6 +30,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -58,11 +59,15 @@ def free_port() -> int:
 
 def start_server(cmd: list[str], url: str, timeout: float = 300) -> subprocess.Popen:
     log("starting: " + " ".join(cmd))
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # stderr to a file, not a pipe: llama.cpp logs a lot while loading, and an unread pipe that fills up
+    # blocks the server before it ever answers
+    errors = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errors, text=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"bench_serve: error: the server exited: {proc.stderr.read()[-2000:]}")
+            errors.seek(0)
+            raise SystemExit(f"bench_serve: error: the server exited: {errors.read()[-2000:]}")
         try:
             if httpx.get(url + "/v1/models", timeout=2).status_code < 500:
                 return proc
