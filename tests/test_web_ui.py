@@ -5,6 +5,8 @@ rename and search, and text that looks like HTML shown as text. About 20 s."""
 import json
 import os
 
+import time
+
 import pytest
 
 import gptchat
@@ -29,6 +31,9 @@ EVIL_REPLY = ('<img src=x onerror="window.__xss = \'reply\'"> and **bold** text,
 @pytest.fixture(scope="module")
 def url(long_llama_dir, tmp_path_factory):
     lm = gptchat.load_model(long_llama_dir, quant="none")
+    # the tiny model writes 1,500 tokens in about a second: slowed to ~3 ms a token, a long reply is still
+    # running when the test clicks Stop, even on a busy machine
+    lm.model.register_forward_pre_hook(lambda module, args: time.sleep(0.003))
     app = create_app(lm, model_name="tiny", api_key=KEY, store=ConversationStore.in_dir(tmp_path_factory.mktemp("d")))
     with serving(app) as base:
         yield base
