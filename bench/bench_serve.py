@@ -83,6 +83,13 @@ async def one_request(client: httpx.AsyncClient, model: str | None, prompt: str,
     if model:
         body["model"] = model
     sent = time.perf_counter()
+    try:
+        return await _stream_reply(client, body, sent)
+    except httpx.HTTPError as e:  # a stream the server closed midway counts as a failed request
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+async def _stream_reply(client: httpx.AsyncClient, body: dict, sent: float) -> dict:
     first = last = None
     chunks, usage = 0, None
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -192,7 +199,9 @@ def main() -> int:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port),
-                   "--n_ctx", "2048"] + (["--n_threads", str(args.threads)] if args.threads else [])
+                   "--n_ctx", "2048",
+                   # its default cancels the running stream whenever a new request arrives; queue them instead
+                   "--interrupt_requests", "False"] + (["--n_threads", str(args.threads)] if args.threads else [])
             proc = start_server(cmd, url)
             try:
                 log(f"llama.cpp: {args.requests} requests at {args.rate}/s")
