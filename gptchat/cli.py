@@ -46,8 +46,19 @@ def add_model_flags(p: argparse.ArgumentParser):
 
 
 def add_compile_flag(p: argparse.ArgumentParser):
-    p.add_argument("--compile", action="store_true", help="decode through a torch.compile'd step (the first run "
-                   "compiles for a minute or more and caches it; falls back to eager if compiling fails)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode through the model's compiled decode step: the first run for a model compiles it "
+                   "(a minute or more) and caches it, later runs load it in about a second; falls back to eager "
+                   "decoding if compiling fails (default: on for int8/int4 weights, off for --quant none, which "
+                   "stays the exact eager path; GPTCHAT_COMPILE=0 turns the default off)")
+
+
+def compile_wanted(args) -> bool:
+    if args.compile is not None:
+        return args.compile
+    if args.quant == "none":
+        return False
+    return os.environ.get("GPTCHAT_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int):
@@ -108,7 +119,7 @@ def cmd_generate(args) -> int:
     prompt = args.prompt
     if prompt == "-":  # the newline that ends piped input is not part of the prompt
         prompt = sys.stdin.read().removesuffix("\n") if args.raw else sys.stdin.read().strip()
-    engine = Engine(load(args), compile=args.compile)
+    engine = Engine(load(args), compile=compile_wanted(args))
     if args.raw:
         ids = engine.encode(prompt)
     else:
@@ -127,7 +138,7 @@ def cmd_chat(args) -> int:
 
     params = sampling_params(args)
     lm = load(args)
-    session = ChatSession(Engine(lm, compile=args.compile), Conversation.with_system(args.system), params)
+    session = ChatSession(Engine(lm, compile=compile_wanted(args)), Conversation.with_system(args.system), params)
     interactive = sys.stdin.isatty()
     if interactive:
         try:

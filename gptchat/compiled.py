@@ -1,121 +1,209 @@
-"""A compiled decode step: one token through the model as one torch.compile'd graph.
+"""The decode step compiled ahead of time: one token through the whole model as one native library.
 
-In eager PyTorch a decoded token costs hundreds of small kernel launches (norms, RoPE, reshapes, the
-quantized matmuls), and at batch 1 their fixed costs are a large share of the token's time. Compiling the
-step fuses the small ops and drops the Python between them.
+Decoding eagerly costs ~50 small PyTorch ops per layer, each a few microseconds of dispatch, and at batch 1
+on a CPU those fixed costs are about half of a token's time. Here the step is traced once with
+`torch.export` and compiled by AOTInductor into a shared library, packaged (`.pt2`) under gptchat's
+cache: the small ops are fused into a few C++ loops, and no Python runs between them. Later processes
+load the package in a fraction of a second instead of compiling again.
 
-The graph must not change from token to token, so the step does not slice the cache by Python ints:
-this token's keys and values are written at a position tensor (`index_copy_`), and attention reads the
-first `window` positions, a size marked dynamic (as is the cache's capacity, which doubles as a sequence
-grows). One graph then serves every step of every sequence at this batch size.
+The graph must not change from token to token, so the step takes the position as a tensor and writes
+this token's keys and values into the cache in place at that position; it attends over the first
+`window` positions, where window (pos + 1) is passed as the length of a small tensor, a dynamic size, as
+is the cache's capacity: one package serves every step of a cache that grows by doubling. A package belongs to one model's weights (it embeds them), one quantization, this CPU and
+this torch; its file name is a fingerprint of all of them. The fused loops are compiled single-threaded
+(they touch a few thousand numbers each; spreading them over threads costs a barrier each, and on a
+machine shared with other work a barrier waits for a descheduled thread), while the quantized matmuls
+inside stay PyTorch's own kernels and use all of its threads. Batch size 1 (chat and
+generate); the server's batches decode eagerly.
 
-Compiled code is cached on disk by inductor (its FX graph cache, under gptchat's cache directory), so
-only the first run pays the compile (tens of seconds); later runs trace the model again (seconds) and
-load the compiled code. Where compiling fails (no C++ compiler, an unsupported op), the step says so once
-and decoding continues in eager mode.
+Where compiling or loading fails (no C++ compiler, an op inductor cannot handle), the decoder says so
+once and the engine decodes eagerly; a failed build leaves a note beside where the package would be, so
+later runs do not spend minutes failing again (delete it to retry).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
+import tempfile
+import time
 import warnings
+from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from .model import GPT, KVCache
 
+PACKAGE_VERSION = 1  # bump when the step's graph changes in a way the fingerprint cannot see
+
 
 class StepCache:
-    """The KV cache as the compiled step sees it: write at `pos`, read the first `window` positions."""
+    """The KV cache as the compiled step sees it: this token's keys/values go in at `pos` (a tensor), and
+    attention reads the first `window` positions. Each layer's keys and values are
+    their own input tensor: a write into a whole input compiles to an in-place store, while a write into
+    a view of one big input would copy the whole cache around it at every step."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, window: int):
-        self.k, self.v, self.pos, self.window = k, v, pos, window
+    def __init__(self, ks: tuple[torch.Tensor, ...], vs: tuple[torch.Tensor, ...], pos: torch.Tensor, window: int):
+        self.ks, self.vs, self.pos, self.window = ks, vs, pos, window
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        self.k[layer].index_copy_(2, self.pos, k)
-        self.v[layer].index_copy_(2, self.pos, v)
-        return self.k[layer, :, :, : self.window], self.v[layer, :, :, : self.window]
+        self.ks[layer][:, :, self.pos] = k
+        self.vs[layer][:, :, self.pos] = v
+        return self.ks[layer][:, :, : self.window], self.vs[layer][:, :, : self.window]
 
 
-def decode_step(model: GPT, idx: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                window: torch.Tensor) -> torch.Tensor:
-    """Logits [B, vocab] for one new token per row, idx [B, 1], all at position pos [1]; the cache
-    tensors k, v [layers, B, kv heads, capacity, head dim] get its keys/values. window: a tensor whose
-    length is the number of positions to attend to (pos + 1), passed as a size so the graph stays the same."""
-    n = window.shape[0]
-    x, rope = model.embed(idx, pos.expand(idx.shape[0], 1))
-    mask = (torch.arange(n, device=idx.device) <= pos)[None, None, None]  # [1, 1, 1, n]
-    cache = StepCache(k, v, pos, n)
-    for i, block in enumerate(model.blocks):
-        x = block(x, rope, cache, i, mask)
-    return model.head(model.norm(x))[:, -1]
+class DecodeStep(nn.Module):
+    """Logits [B, vocab] for one new token per row, idx [B, 1], at position pos [1], window [pos + 1] (only
+    its length counts); the cache tensors (each layer's keys, then each layer's values, [B, kv heads,
+    capacity, head dim]) receive its keys and values."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx: torch.Tensor, pos: torch.Tensor, window: torch.Tensor, *cache_tensors: torch.Tensor):
+        m = self.model
+        n = len(m.blocks)
+        x, rope = m.embed(idx, pos.expand(idx.shape[0], 1))
+        cache = StepCache(cache_tensors[:n], cache_tensors[n:], pos, window.shape[0])
+        for i, block in enumerate(m.blocks):  # one query that sees every key in the window: no mask
+            x = block(x, rope, cache, i, None)
+        return m.head(m.norm(x))[:, -1]
 
 
-def prepare_kernels(model: torch.nn.Module) -> None:
-    """Derive every quantized layer's kernel tensors now, so the compiler does not trace that conversion."""
+def prepare_kernels(model: nn.Module) -> None:
+    """Derive every quantized layer's kernel tensors now, so the trace holds them as they are."""
     for m in model.modules():
         if hasattr(m, "kernel") and callable(m.kernel):
             m.kernel()
 
 
-def use_cache_dir() -> None:
-    """Inductor's compiled code goes under gptchat's cache directory (unless the user chose a place)."""
+def drop_kernels(model: nn.Module) -> None:
+    """Forget the derived kernel tensors (the package holds its own copy); eager code derives them again."""
+    for m in model.modules():
+        if hasattr(m, "_kernel"):
+            m._kernel = None
+
+
+def cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def fingerprint(model: GPT) -> str:
+    """Identifies a package: the model's config and weights (names, shapes, dtypes and an even sample of
+    every tensor's values), the gptchat source that shapes the graph, torch and the CPU."""
+    h = hashlib.sha256()
+    here = Path(__file__).parent
+    for name in ("compiled.py", "model.py", "quantize.py"):
+        h.update((here / name).read_bytes())
+    h.update(f"{PACKAGE_VERSION}|{torch.__version__}|{cpu_flags()}".encode())
+    h.update(repr(sorted(model.config.to_dict().items())).encode())
+    for name, t in model.state_dict().items():
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        h.update(flat[::step].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def package_path(model: GPT) -> Path:
     from .checkpoints import cache_root
 
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
-    import torch._inductor.config as inductor_config
-
-    inductor_config.fx_graph_cache = True
+    return cache_root() / "compiled" / f"decode-{fingerprint(model)}.pt2"
 
 
-_STEP = None
-
-
-def compiled_step():
-    """decode_step through torch.compile, once per process: every engine shares its compiled graphs."""
-    global _STEP
-    if _STEP is None:
-        use_cache_dir()
-        _STEP = torch.compile(decode_step, fullgraph=True)
-    return _STEP
+def build_package(model: GPT, path: Path) -> None:
+    """Export the decode step of `model` and compile it into `path` (written atomically)."""
+    config = model.config
+    capacity = min(config.max_seq_len, 64)
+    shape = (1, config.n_kv_head, capacity, config.head_dim)
+    caches = tuple(torch.zeros(shape) for _ in range(2 * config.n_layer))  # separate tensors: no aliasing
+    dim = torch.export.Dim("capacity", min=2, max=config.max_seq_len)
+    window = torch.export.Dim("window", min=2, max=config.max_seq_len)
+    prepare_kernels(model)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(path.parent / "inductor"))
+    with torch.inference_mode():
+        example = (torch.tensor([[0]]), torch.tensor([capacity // 2]), torch.empty(capacity // 2 + 1), *caches)
+        program = torch.export.export(DecodeStep(model), example, strict=False,
+                                      dynamic_shapes=(None, None, {0: window}, ({2: dim},) * len(caches)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".partial-", suffix=".pt2")
+    os.close(fd)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # no OpenMP in the generated loops (see the module docstring)
+    try:
+        torch._inductor.aoti_compile_and_package(program, package_path=tmp)
+        os.replace(tmp, path)
+    finally:
+        torch.set_num_threads(threads)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 class CompiledDecoder:
-    """Decodes one token for a KVCache of batch size 1 through the compiled step; eager if it fails."""
+    """Decodes one token for a KVCache of batch size 1 through the compiled package; None when it cannot
+    (the caller decodes eagerly). The package is built on first use if it is not in the cache yet."""
 
     def __init__(self, model: GPT, announce: bool = True):
         self.model = model
         self.announce = announce
         self.failed = False
-        self._fn = None
+        self._runner = None
 
-    def _compiled(self):
-        if self._fn is None:
-            prepare_kernels(self.model)
-            self._fn = compiled_step()
-        return self._fn
+    def _fail(self, what: str, e: Exception) -> None:
+        self.failed = True
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        warnings.warn(f"{what} failed ({type(e).__name__}: {first}); decoding without it")
+
+    def load(self):
+        """The loaded package (building it first if needed), or None if that failed."""
+        if self._runner is None and not self.failed:
+            path = None
+            try:
+                path = package_path(self.model)
+                failed_before = path.with_suffix(".failed")
+                if failed_before.is_file() and not path.is_file():
+                    self.failed = True
+                    return None
+                if not path.is_file():
+                    if self.announce:
+                        print("gptchat: compiling the decode step for this model, once (a minute or more; "
+                              "later runs load it from the cache)...", file=sys.stderr, flush=True)
+                    start = time.perf_counter()
+                    build_package(self.model, path)
+                    if self.announce:
+                        print(f"gptchat: compiled in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+                self._runner = torch._inductor.aoti_load_package(str(path))
+                drop_kernels(self.model)  # the package has its own copy of the kernel tensors
+            except Exception as e:  # no compiler, an op that cannot be compiled, a damaged package
+                self._fail("compiling the decode step", e)
+                if path is not None:
+                    try:
+                        path.unlink(missing_ok=True)  # a package that does not load is rebuilt next time
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        path.with_suffix(".failed").write_text(f"{type(e).__name__}: {e}\n")
+                    except OSError:
+                        pass
+        return self._runner
 
     @torch.inference_mode()
     def __call__(self, token: int, cache: KVCache) -> torch.Tensor | None:
-        """The next logits [vocab], or None when compiling failed (the caller decodes eagerly)."""
-        if self.failed:
+        """The next logits [vocab] (the cache advanced by one), or None to decode eagerly instead."""
+        if cache.batch_size != 1 or cache.length < 1 or self.load() is None:
             return None
         pos = cache.length
         cache.reserve(pos + 1)
-        window = torch.empty(pos + 1, dtype=torch.bool)
-        torch._dynamo.mark_dynamic(window, 0)
-        torch._dynamo.mark_dynamic(cache.k, 3)
-        torch._dynamo.mark_dynamic(cache.v, 3)
-        if _STEP is None and self.announce:
-            print("gptchat: compiling the decode step (the first time takes a while; it is cached)...",
-                  file=sys.stderr, flush=True)
         try:
-            logits = self._compiled()(self.model, torch.tensor([[token]]), torch.tensor([pos]), cache.k, cache.v, window)
-        except Exception as e:  # no compiler, an op it cannot handle: decode eagerly instead
-            self.failed = True
-            warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                          "decoding without it")
+            logits = self._runner(torch.tensor([[token]]), torch.tensor([pos]), torch.empty(pos + 1),
+                                  *cache.k.unbind(0), *cache.v.unbind(0))
+        except Exception as e:
+            self._fail("the compiled decode step", e)
             return None
         cache.advance(1)
         return logits[0]

@@ -3,6 +3,9 @@
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# chat and generate compile their decode step by default (minutes per model on first use); tests decode
+# eagerly unless they ask for it (tests/test_compiled.py)
+os.environ["GPTCHAT_COMPILE"] = "0"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

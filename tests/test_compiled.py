@@ -1,6 +1,6 @@
 """The compiled decode step (gptchat/compiled.py) gives the same tokens as eager decoding.
 
-test_compiled_equals_eager compiles a tiny model: ~40 s on 2 quiet cores (minutes on a busy machine), so slow.
+test_compiled_equals_eager compiles a tiny model ahead of time: ~30 s on 2 quiet cores, so slow.
 """
 
 import warnings
@@ -32,26 +32,63 @@ def test_compiled_equals_eager(tiny_llama_dir, quant):
     assert not engine._decoder.failed
     assert first.token_ids == eager.token_ids
     assert second.token_ids == Engine(lm).generate(follow, params).token_ids
+    # the logits themselves stay close to eager ones (fused float32 loops add in another order)
+    cache_a, cache_b = gptchat.model.KVCache(lm.config, 1, 8), gptchat.model.KVCache(lm.config, 1, 8)
+    with torch.inference_mode():
+        lm.model(torch.tensor([PROMPT]), cache=cache_a)
+        lm.model(torch.tensor([PROMPT]), cache=cache_b)
+        eager_logits = lm.model(torch.tensor([[9]]), cache=cache_a)[0, -1]
+        compiled_logits = engine._decoder(9, cache_b)  # the cache grows past its 8 positions: a new capacity
+    assert cache_b.length == cache_a.length
+    assert (compiled_logits - eager_logits).abs().max() < 1e-3 * eager_logits.abs().max()
+
+    # a new process (here: a new decoder) loads the package instead of compiling again
+    path = compiled.package_path(lm.model)
+    assert path.is_file()
+    stamp = path.stat().st_mtime_ns
+    again = Engine(lm, compile=True)
+    assert again.generate(PROMPT, params).token_ids == eager.token_ids
+    assert path.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_cli_generate_compiles_once(tiny_llama_dir, tmp_path):
+    """`gptchat generate --compile`: the first run says it compiles, the second loads the package, both
+    print what eager decoding prints."""
+    from test_cli import run_cli
+
+    args = ["generate", "--model", tiny_llama_dir[0], "--quant", "int4", "-t", "0", "--max-new-tokens", "12", "--raw",
+            "hello"]
+    eager = run_cli([*args, "--no-compile"], cache=tmp_path, cwd=tmp_path)
+    first = run_cli([*args, "--compile"], cache=tmp_path, cwd=tmp_path)
+    second = run_cli([*args, "--compile"], cache=tmp_path, cwd=tmp_path)
+    assert eager.returncode == first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert "compiling the decode step" in first.stderr
+    assert "compiling" not in second.stderr and "Warning" not in second.stderr
+    assert first.stdout == second.stdout == eager.stdout
 
 
 def test_failed_compile_falls_back_to_eager(tiny_llama_dir, monkeypatch):
     """Where torch.compile cannot work (no C++ compiler, say), decoding goes on eagerly, with one warning."""
     lm = gptchat.load_model(tiny_llama_dir[0])
 
-    def broken(fn, **kwargs):
-        def run(*args):
-            raise RuntimeError("no working C++ compiler found")
-        return run
+    def broken(*args, **kwargs):
+        raise RuntimeError("no working C++ compiler found")
 
-    monkeypatch.setattr(torch, "compile", broken)
-    monkeypatch.setattr(compiled, "_STEP", None)  # not the graphs another test compiled
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", broken)
     params = SamplingParams(temperature=0, max_new_tokens=10)
     engine = Engine(lm, compile=True)
     with pytest.warns(UserWarning, match="no working C"):
         result = engine.generate(PROMPT, params)
     assert engine._decoder.failed
     assert result.token_ids == Engine(lm).generate(PROMPT, params).token_ids
-    assert compiled.CompiledDecoder(lm.model).failed is False
+    # the failure is remembered: the next process does not spend minutes failing again, nor warns again
+    marker = compiled.package_path(lm.model).with_suffix(".failed")
+    assert "no working C" in marker.read_text()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert compiled.CompiledDecoder(lm.model).load() is None
+    marker.unlink()
 
 
 def test_bf16_prefill_stays_close(tiny_llama_dir, monkeypatch):
