@@ -138,7 +138,9 @@ def cmd_chat(args) -> int:
 
     params = sampling_params(args)
     lm = load(args)
-    session = ChatSession(Engine(lm, compile=compile_wanted(args)), Conversation.with_system(args.system), params)
+    engine = Engine(lm, compile=compile_wanted(args))
+    engine.prepare()  # a first-run compile happens before the first prompt, not after it
+    session = ChatSession(engine, Conversation.with_system(args.system), params)
     interactive = sys.stdin.isatty()
     if interactive:
         try:
@@ -258,7 +260,8 @@ def cmd_serve(args) -> int:
     lm = load(args)
     app = create_app(lm, model_name=args.model_name, api_key=api_key, max_tokens_cap=args.max_tokens_cap,
                      max_concurrency=args.max_concurrency, max_queue=args.max_queue,
-                     max_body_bytes=args.max_body_bytes, cors_origins=args.cors_origin, store=store)
+                     max_body_bytes=args.max_body_bytes, cors_origins=args.cors_origin, store=store,
+                     compile=compile_wanted(args))
     where = f"http://{args.host}:{args.port}"
     print(f"gptchat: serving {app.state.model_name} at {where}/v1, web chat at {where}/"
           + (" (API key required)" if api_key else ""), file=sys.stderr)
@@ -608,6 +611,7 @@ def make_parser() -> Parser:
     p.add_argument("--data-dir", metavar="DIR", help="where the web chat's conversations are kept "
                    "(default: $XDG_DATA_HOME/gptchat, else ~/.local/share/gptchat)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    add_compile_flag(p)
     p.set_defaults(func=cmd_serve)
     add_training_commands(sub)
     add_export_command(sub)

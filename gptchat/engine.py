@@ -136,16 +136,21 @@ class SequenceOutput:
 
 class Engine:
     def __init__(self, lm: LoadedModel, compile: bool = False):
-        """compile=True decodes single sequences through a torch.compile'd step (gptchat/compiled.py):
-        the first run compiles (tens of seconds, cached on disk), and it falls back to eager if that fails."""
+        """compile=True decodes single sequences through the compiled decode step (gptchat/compiled.py): the
+        first run for a model builds it (minutes, cached on disk), and it falls back to eager if that fails."""
         self.lm = lm
         self.model = lm.model
-        self._decoder = CompiledDecoder(lm.model) if compile else None
+        self.decoder = CompiledDecoder(lm.model) if compile else None
         self.tokenizer = lm.tokenizer
         self.context_length = lm.config.max_seq_len
         self.vocab_size = min(lm.config.vocab_size, self.tokenizer.vocab_size)
         self._cache: KVCache | None = None
         self._cached_ids: list[int] = []  # the tokens whose keys/values are in _cache
+
+    def prepare(self) -> None:
+        """Load (or build) the compiled decode step now, so the wait comes before the first prompt."""
+        if self.decoder is not None:
+            self.decoder.load()
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=True)
@@ -188,7 +193,7 @@ class Engine:
 
     @torch.inference_mode()
     def _decode_step(self, token: int) -> torch.Tensor:
-        logits = self._decoder(token, self._cache) if self._decoder is not None else None
+        logits = self.decoder(token, self._cache) if self.decoder is not None else None
         if logits is None:  # eager (also when compiling failed)
             logits = self.model(torch.tensor([[token]]), cache=self._cache, last_only=True)[0, -1]
         self._cached_ids.append(token)
@@ -239,7 +244,7 @@ class Engine:
         positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
         cache = KVCache(self.lm.config, len(prompts), min(longest + max(o.budget for o in outs), CACHE_START))
         logits = self.model(ids, cache=cache, positions=positions, key_mask=key_mask, last_only=True)[:, -1]
-        batch = DecodeBatch(self.model)
+        batch = DecodeBatch(self.model, self.decoder)
         batch.join(cache, key_mask, outs, [out.step(row) for out, row in zip(outs, logits)])
         while batch:
             batch.step()
@@ -256,11 +261,13 @@ class DecodeBatch:
     Rows are left-padded so that all end at the cache's last column; the key mask hides the padding and
     each row keeps its own positions (keys are stored after RoPE, so the column a key sits in does not
     matter, only whether it is masked). Rows join with the cache of their prefill and leave as soon as
-    they finish; columns that only padding uses any more are then dropped.
+    they finish; columns that only padding uses any more are then dropped. A batch of one unpadded row
+    (a single client) decodes through the compiled step when there is one (`decoder`).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, decoder: CompiledDecoder | None = None):
         self.model = model
+        self.decoder = decoder
         self.outs: list[SequenceOutput] = []
         self.cache: KVCache | None = None
         self.key_mask = torch.zeros(0, 0, dtype=torch.bool)  # [B, S]: True where a row has a real key
@@ -292,7 +299,7 @@ class DecodeBatch:
         """Remove these rows (finished, or their client left)."""
         keep = [i for i in range(len(self)) if i not in set(rows)]
         if not keep:
-            self.__init__(self.model)
+            self.__init__(self.model, self.decoder)
             return
         self.cache, self.key_mask = _keep_rows(self.cache, self.key_mask, keep)
         self.positions = self.positions[keep]
@@ -304,9 +311,14 @@ class DecodeBatch:
         """Decode one token for every row; finished rows leave. Returns each row's (output, delta)."""
         n = len(self)
         self.key_mask = torch.cat([self.key_mask, torch.ones(n, 1, dtype=torch.bool)], dim=1)
-        tokens = torch.tensor(self.tokens).view(n, 1)
-        logits = self.model(tokens, cache=self.cache, positions=self.positions, key_mask=self.key_mask,
-                            last_only=True)[:, -1]
+        logits = None
+        if n == 1 and self.decoder is not None and bool(self.key_mask.all()):  # no padding: pos = cache length
+            logits = self.decoder(self.tokens[0], self.cache)
+            logits = logits[None] if logits is not None else None
+        if logits is None:
+            tokens = torch.tensor(self.tokens).view(n, 1)
+            logits = self.model(tokens, cache=self.cache, positions=self.positions, key_mask=self.key_mask,
+                                last_only=True)[:, -1]
         self.positions = self.positions + 1
         stepped = [(out, out.step(row)) for out, row in zip(self.outs, logits)]
         self.tokens = [d.token_ids[-1] if d.token_ids else -1 for _, d in stepped]

@@ -17,7 +17,7 @@ PROMPT = [5, 6, 7, 8, 9, 10]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("quant", ["int4"])
-def test_compiled_equals_eager(tiny_llama_dir, quant):
+def test_compiled_equals_eager(tiny_llama_dir, quant, monkeypatch):
     lm = gptchat.load_model(tiny_llama_dir[0], quant=quant)
     eos = {i: -100.0 for i in lm.tokenizer.eos_ids}
     params = SamplingParams(temperature=0, max_new_tokens=24, logit_bias=eos)
@@ -29,16 +29,23 @@ def test_compiled_equals_eager(tiny_llama_dir, quant):
         # a second turn continues the cached prefix through the same compiled graph
         follow = PROMPT + first.token_ids + [11, 12]
         second = engine.generate(follow, params)
-    assert not engine._decoder.failed
+    assert not engine.decoder.failed
     assert first.token_ids == eager.token_ids
     assert second.token_ids == Engine(lm).generate(follow, params).token_ids
+    # a batch of one row (the server with a single client) decodes through the compiled step too
+    calls = []
+    real_call = compiled.CompiledDecoder.__call__
+    monkeypatch.setattr(compiled.CompiledDecoder, "__call__", lambda self, *a: calls.append(1) or real_call(self, *a))
+    assert engine.generate_batch([PROMPT], params)[0].token_ids == eager.token_ids
+    assert len(calls) >= len(eager.token_ids) - 1
+    monkeypatch.undo()
     # the logits themselves stay close to eager ones (fused float32 loops add in another order)
     cache_a, cache_b = gptchat.model.KVCache(lm.config, 1, 8), gptchat.model.KVCache(lm.config, 1, 8)
     with torch.inference_mode():
         lm.model(torch.tensor([PROMPT]), cache=cache_a)
         lm.model(torch.tensor([PROMPT]), cache=cache_b)
         eager_logits = lm.model(torch.tensor([[9]]), cache=cache_a)[0, -1]
-        compiled_logits = engine._decoder(9, cache_b)  # the cache grows past its 8 positions: a new capacity
+        compiled_logits = engine.decoder(9, cache_b)  # the cache grows past its 8 positions: a new capacity
     assert cache_b.length == cache_a.length
     assert (compiled_logits - eager_logits).abs().max() < 1e-3 * eager_logits.abs().max()
 
@@ -80,7 +87,7 @@ def test_failed_compile_falls_back_to_eager(tiny_llama_dir, monkeypatch):
     engine = Engine(lm, compile=True)
     with pytest.warns(UserWarning, match="no working C"):
         result = engine.generate(PROMPT, params)
-    assert engine._decoder.failed
+    assert engine.decoder.failed
     assert result.token_ids == Engine(lm).generate(PROMPT, params).token_ids
     # the failure is remembered: the next process does not spend minutes failing again, nor warns again
     marker = compiled.package_path(lm.model).with_suffix(".failed")

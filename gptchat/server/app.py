@@ -101,10 +101,12 @@ async def client_gone(request: Request) -> None:
 def create_app(lm: LoadedModel, *, model_name: str | None = None, api_key: str | None = None,
                max_tokens_cap: int | None = None, max_concurrency: int = 8, max_queue: int = 64,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, cors_origins: Sequence[str] = (),
-               store: ConversationStore | None = None) -> FastAPI:
+               store: ConversationStore | None = None, compile: bool = False) -> FastAPI:
     """The app. max_concurrency: sequences decoding together; max_queue: how many more may wait (then 429);
-    conversations of the web chat go to `store` (default: one in memory, gone when the process ends)."""
-    engine = Engine(lm)
+    conversations of the web chat go to `store` (default: one in memory, gone when the process ends);
+    compile: a single running request decodes through the compiled step (built now if it is not cached)."""
+    engine = Engine(lm, compile=compile)
+    engine.prepare()
     metrics = Metrics()
     generator = Scheduler(engine, max_concurrency=max_concurrency, max_queue=max_queue, metrics=metrics)
     served = model_name or lm.name
