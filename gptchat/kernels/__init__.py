@@ -1,0 +1,84 @@
+"""gptchat's own CPU kernel for quantized matmuls with a few rows (decoding): quant_matmul.cpp.
+
+PyTorch's weight-only int4 kernel converts bfloat16 activations in software on CPUs without avx512_bf16,
+which makes it compute-bound there. This one does what llama.cpp does on AVX2: activations quantized to
+int8 per block of 32, integer dot products with the weights as gptchat stores them (Int4Linear, Int8Linear).
+
+It is compiled on first use (`torch.utils.cpp_extension.load`, g++ and ninja; ~1 minute) into the cache,
+under a name keyed by the source and torch version, and only on CPUs with AVX2 and FMA. Where it cannot be
+built or loaded, `ops()` returns None and the quantized Linears use PyTorch's kernels instead; so does
+GPTCHAT_KERNELS=aten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("quant_matmul.cpp")
+BLOCK = 32  # columns per quantization block, on both sides of the dot products
+_loaded: list = []  # [] until the first try, then [the ops namespace, or None]
+
+
+def cpu_supported() -> bool:
+    """AVX2 and FMA on x86-64 Linux (the kernel's instructions)."""
+    try:
+        flags = next((line.split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+def build():
+    """Compile (or find already compiled) and load the kernel; the ops namespace, or None with the reason logged."""
+    if not cpu_supported():
+        log.info("gptchat kernels: this CPU lacks AVX2/FMA; using PyTorch's quantized matmuls")
+        return None
+    from torch.utils import cpp_extension
+
+    from ..checkpoints import cache_root
+
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + torch.__version__.encode()).hexdigest()[:16]
+    build_dir = cache_root() / "kernels" / key
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        cpp_extension.load(name=f"gptchat_quant_matmul_{key}", sources=[str(SOURCE)], build_directory=str(build_dir),
+                           extra_cflags=["-O3", "-mavx2", "-mfma"], is_python_module=False, verbose=False)
+    except Exception as e:  # no compiler, no ninja, a failed build: PyTorch's kernels still work
+        log.warning("gptchat kernels: could not build %s (%s: %s); using PyTorch's quantized matmuls",
+                    SOURCE.name, type(e).__name__, str(e).strip().splitlines()[-1:] or "")
+        return None
+    register_fakes()
+    return torch.ops.gptchat
+
+
+def register_fakes() -> None:
+    """Output shapes without running the kernel, so torch.compile can trace through the ops."""
+    if getattr(register_fakes, "done", False):
+        return
+
+    @torch.library.register_fake("gptchat::int4_linear")
+    def _(x, weight, scale, offset):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake("gptchat::int8_linear")
+    def _(x, weight, scale):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    register_fakes.done = True
+
+
+def ops():
+    """torch.ops.gptchat (int4_linear, int8_linear), or None: unsupported, failed to build, or GPTCHAT_KERNELS=aten."""
+    if os.environ.get("GPTCHAT_KERNELS") == "aten":
+        return None
+    if not _loaded:
+        _loaded.append(build())
+    return _loaded[0]

@@ -1,0 +1,188 @@
+// Quantized matmuls for a few rows of activations (decoding), with AVX2 integer dot products.
+//
+// As llama.cpp does: each row of x is quantized per block of 32 columns to int8 with a float scale,
+// x ~= qx * dx, and each weight block is multiplied with it in integers (_mm256_maddubs_epi16):
+//
+//   int4 (Int4Linear, e.g. Q4_1):   w = qw * dw + mw   ->  sum(w x) = dw dx dot(qw, qx) + mw sum(x)
+//   int8 (Int8Linear, e.g. Q8_0):   w = qw * dw        ->  sum(w x) = dw dx dot(qw, qx)
+//
+// Weights stay in gptchat's stored layout. A block of 32 int4 columns is 16 bytes, column 2j in the low
+// nibble of byte j and 2j + 1 in the high one, so one load, a mask and a shift give the 32 values as
+// [even columns | odd columns]; the activations are quantized in that same order instead.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr int64_t BLOCK = 32;
+
+struct QuantizedRows {  // x [M, K] as int8 blocks: x ~= q * d; sum is each block's float sum of x
+  std::vector<int8_t> q;
+  std::vector<float> d, sum;
+};
+
+QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, bool even_then_odd) {
+  const int64_t blocks = M * K / BLOCK;
+  QuantizedRows r{std::vector<int8_t>(M * K), std::vector<float>(blocks), std::vector<float>(blocks)};
+  for (int64_t i = 0; i < blocks; ++i) {
+    const float* xb = x + i * BLOCK;
+    float amax = 0.f, sum = 0.f;
+    for (int j = 0; j < BLOCK; ++j) {
+      amax = std::max(amax, std::fabs(xb[j]));
+      sum += xb[j];
+    }
+    const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    int8_t* qb = r.q.data() + i * BLOCK;
+    for (int j = 0; j < BLOCK; ++j) {
+      qb[even_then_odd ? (j % 2) * (BLOCK / 2) + j / 2 : j] = static_cast<int8_t>(std::nearbyint(xb[j] * inv));
+    }
+    r.d[i] = d;
+    r.sum[i] = sum;
+  }
+  return r;
+}
+
+inline __m256i load_nibbles(const uint8_t* p) {  // 16 bytes -> 32 values 0..15: low nibbles, then high
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(b, 4), b);
+  return _mm256_and_si256(both, _mm256_set1_epi8(15));
+}
+
+inline __m256 dot_u8_s8(__m256i u, __m256i s) {  // 8 float partial sums of 32 products u8 * s8
+  const __m256i pairs = _mm256_maddubs_epi16(u, s);  // |each| <= 2 * 127 * 127: no saturation
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+
+inline __m256 dot_s8_s8(__m256i a, __m256i b) {  // signed * signed: move a's signs onto b
+  return dot_u8_s8(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+struct Weights {
+  const uint8_t* q;      // [N, K/2] nibbles (int4) or [N, K] int8
+  const float* scale;    // [N, scale_groups]: per block, or one per row
+  const float* offset;   // [N, K/32] (int4) or nullptr
+  int64_t scale_groups;
+};
+
+// y[m, n] for MC rows of x from m0 and NR weight rows from n0: each weight block is loaded once for the MC
+// rows of x, and the MC * NR accumulators are independent chains of FMAs (one alone would wait on latency).
+template <bool INT4, int MC, int NR>
+void tile(const QuantizedRows& x, int64_t m0, int64_t G, const Weights& w, int64_t n0, float* y, int64_t N) {
+  const int64_t row_bytes = INT4 ? G * BLOCK / 2 : G * BLOCK;
+  const bool per_block = w.scale_groups != 1;
+  const int8_t* xq = x.q.data() + m0 * G * BLOCK;
+  const float* xd = x.d.data() + m0 * G;
+  __m256 acc[MC][NR];
+  for (int i = 0; i < MC; ++i)
+    for (int r = 0; r < NR; ++r) acc[i][r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < G; ++b) {
+    for (int r = 0; r < NR; ++r) {
+      const uint8_t* wq = w.q + (n0 + r) * row_bytes;
+      const __m256i qw = INT4 ? load_nibbles(wq + b * BLOCK / 2)
+                              : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + b * BLOCK));
+      const float dw = w.scale[(n0 + r) * w.scale_groups + (per_block ? b : 0)];
+      for (int i = 0; i < MC; ++i) {
+        const __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + (i * G + b) * BLOCK));
+        const __m256 p = INT4 ? dot_u8_s8(qw, qx) : dot_s8_s8(qw, qx);
+        acc[i][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd[i * G + b]), p, acc[i][r]);
+      }
+    }
+  }
+  for (int i = 0; i < MC; ++i) {
+    for (int r = 0; r < NR; ++r) {
+      __m256 v = acc[i][r];
+      float tail = 0.f;
+      if (INT4) {  // + sum over blocks of offset * sum(x), 8 blocks at a time
+        const float* mw = w.offset + (n0 + r) * G;
+        const float* sx = x.sum.data() + (m0 + i) * G;
+        int64_t b = 0;
+        for (; b + 8 <= G; b += 8) v = _mm256_fmadd_ps(_mm256_loadu_ps(mw + b), _mm256_loadu_ps(sx + b), v);
+        for (; b < G; ++b) tail += mw[b] * sx[b];
+      }
+      y[(m0 + i) * N + n0 + r] = hsum(v) + tail;
+    }
+  }
+}
+
+// All M rows of x against weight rows [begin, end): tiles of up to 4 x rows and NR weight rows.
+template <bool INT4, int MC>
+void rows_tiles(const QuantizedRows& x, int64_t m0, int64_t G, const Weights& w, int64_t begin, int64_t end,
+                float* y, int64_t N) {
+  constexpr int NR = MC == 1 ? 4 : 2;
+  int64_t n = begin;
+  for (; n + NR <= end; n += NR) tile<INT4, MC, NR>(x, m0, G, w, n, y, N);
+  for (; n < end; ++n) tile<INT4, MC, 1>(x, m0, G, w, n, y, N);
+}
+
+template <bool INT4>
+at::Tensor quantized_matmul(const at::Tensor& x_in, const Weights& w, int64_t N) {
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), G = K / BLOCK;
+  const QuantizedRows qx = quantize_rows(x.data_ptr<float>(), M, K, INT4);
+  at::Tensor y = at::empty({M, N}, x.options());
+  float* out = y.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(16, 4096 / (G * M));  // ~4096 block products per task at least
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) rows_tiles<INT4, 4>(qx, m, G, w, begin, end, out, N);
+    switch (M - m) {
+      case 3: rows_tiles<INT4, 3>(qx, m, G, w, begin, end, out, N); break;
+      case 2: rows_tiles<INT4, 2>(qx, m, G, w, begin, end, out, N); break;
+      case 1: rows_tiles<INT4, 1>(qx, m, G, w, begin, end, out, N); break;
+    }
+  });
+  return y;
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "x must be float32 [M, K] on the CPU");
+  TORCH_CHECK(K % BLOCK == 0 && x.size(1) == K, "x has ", x.size(1), " columns; the weight wants ", K, " (a multiple of 32)");
+  TORCH_CHECK(weight.is_contiguous() && scale.is_contiguous() && scale.scalar_type() == at::kFloat &&
+              scale.dim() == 2 && scale.size(0) == weight.size(0), "weight and scale must be contiguous, scale float32 [N, groups]");
+}
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& offset) {
+  const int64_t K = 2 * weight.size(1);
+  check_inputs(x, weight, scale, K);
+  TORCH_CHECK(weight.scalar_type() == at::kByte && scale.size(1) == K / BLOCK && offset.sizes() == scale.sizes() &&
+              offset.is_contiguous() && offset.scalar_type() == at::kFloat, "int4: uint8 [N, K/2], scale and offset float32 [N, K/32]");
+  const Weights w{weight.data_ptr<uint8_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(), scale.size(1)};
+  return quantized_matmul<true>(x, w, weight.size(0));
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale) {
+  const int64_t K = weight.size(1);
+  check_inputs(x, weight, scale, K);
+  TORCH_CHECK(weight.scalar_type() == at::kChar && (scale.size(1) == K / BLOCK || scale.size(1) == 1),
+              "int8: int8 [N, K], scale float32 [N, K/32] or [N, 1]");
+  const Weights w{reinterpret_cast<const uint8_t*>(weight.data_ptr<int8_t>()), scale.data_ptr<float>(), nullptr, scale.size(1)};
+  return quantized_matmul<false>(x, w, weight.size(0));
+}
+
+}  // namespace
+
+TORCH_LIBRARY(gptchat, m) {
+  m.def("int4_linear(Tensor x, Tensor weight, Tensor scale, Tensor offset) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(gptchat, CPU, m) {
+  m.impl("int4_linear", &int4_linear);
+  m.impl("int8_linear", &int8_linear);
+}
