@@ -99,6 +99,9 @@ void tile(const QuantizedRows& x, int64_t m0, int64_t G, const Weights& w, int64
   const int8_t* xhi = x.hi.data() + m0 * G * BLOCK;
   const int8_t* xlo = x.lo.data() + m0 * G * BLOCK;
   const float* xd = x.d.data() + m0 * G;
+  // the next tile's weights, from memory while this one computes (a 49152-row head does not fit in any cache)
+  const char* next = reinterpret_cast<const char*>(w.q + (n0 + NR) * row_bytes);
+  for (int64_t at = 0; at < NR * row_bytes; at += 64) _mm_prefetch(next + at, _MM_HINT_T0);
   __m256 acc[MC][NR];
   for (int i = 0; i < MC; ++i)
     for (int r = 0; r < NR; ++r) acc[i][r] = _mm256_setzero_ps();
