@@ -85,3 +85,16 @@ def test_aten_fallback(ops, monkeypatch):
     assert not torch.equal(ours, theirs)
     exact = x @ q.dequantized().T
     assert (theirs - exact).abs().max() <= 2e-2 * exact.abs().max()
+
+
+def test_failed_build_falls_back_with_a_log(monkeypatch, caplog):
+    from torch.utils import cpp_extension
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("Error building extension: g++: command not found")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(kernels, "cpu_supported", lambda: True)
+    with caplog.at_level("WARNING", logger="gptchat.kernels"):
+        assert kernels.build() is None
+    assert "could not build quant_matmul.cpp" in caplog.text and "g++: command not found" in caplog.text

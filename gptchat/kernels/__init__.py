@@ -4,7 +4,7 @@ PyTorch's weight-only int4 kernel converts bfloat16 activations in software on C
 which makes it compute-bound there. This one does what llama.cpp does on AVX2: activations quantized to
 int8 per block of 32, integer dot products with the weights as gptchat stores them (Int4Linear, Int8Linear).
 
-It is compiled on first use (`torch.utils.cpp_extension.load`, g++ and ninja; ~1 minute) into the cache,
+It is compiled on first use (`torch.utils.cpp_extension.load`, g++ and ninja; ~30 s) into the cache,
 under a name keyed by the source and torch version, and only on CPUs with AVX2 and FMA. Where it cannot be
 built or loaded, `ops()` returns None and the quantized Linears use PyTorch's kernels instead; so does
 GPTCHAT_KERNELS=aten.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("quant_matmul.cpp")
 BLOCK = 32  # columns per quantization block, on both sides of the dot products
 _loaded: list = []  # [] until the first try, then [the ops namespace, or None]
+_lock = threading.Lock()
 
 
 def cpu_supported() -> bool:
@@ -35,6 +37,14 @@ def cpu_supported() -> bool:
     return "avx2" in flags and "fma" in flags
 
 
+def build_target() -> tuple[str, Path]:
+    """(library name, build folder): cache/kernels/<hash of the source and the torch version>."""
+    from ..checkpoints import cache_root
+
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    return f"gptchat_quant_matmul_{key}", cache_root() / "kernels" / key
+
+
 def build():
     """Compile (or find already compiled) and load the kernel; the ops namespace, or None with the reason logged."""
     if not cpu_supported():
@@ -42,18 +52,15 @@ def build():
         return None
     from torch.utils import cpp_extension
 
-    from ..checkpoints import cache_root
-
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + torch.__version__.encode()).hexdigest()[:16]
-    build_dir = cache_root() / "kernels" / key
+    name, build_dir = build_target()
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(name=f"gptchat_quant_matmul_{key}", sources=[str(SOURCE)], build_directory=str(build_dir),
+        cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(build_dir),
                            extra_cflags=["-O3", "-mavx2", "-mfma"], is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, a failed build: PyTorch's kernels still work
+        last_line = (str(e).strip().splitlines() or [""])[-1]
         log.warning("gptchat kernels: could not build %s (%s: %s); using PyTorch's quantized matmuls",
-                    SOURCE.name, type(e).__name__, str(e).strip().splitlines()[-1:] or "")
+                    SOURCE.name, type(e).__name__, last_line)
         return None
     register_fakes()
     return torch.ops.gptchat
@@ -61,8 +68,6 @@ def build():
 
 def register_fakes() -> None:
     """Output shapes without running the kernel, so torch.compile can trace through the ops."""
-    if getattr(register_fakes, "done", False):
-        return
 
     @torch.library.register_fake("gptchat::int4_linear")
     def _(x, weight, scale, offset):
@@ -72,13 +77,21 @@ def register_fakes() -> None:
     def _(x, weight, scale):
         return x.new_empty(x.shape[0], weight.shape[0])
 
-    register_fakes.done = True
-
 
 def ops():
     """torch.ops.gptchat (int4_linear, int8_linear), or None: unsupported, failed to build, or GPTCHAT_KERNELS=aten."""
     if os.environ.get("GPTCHAT_KERNELS") == "aten":
         return None
     if not _loaded:
-        _loaded.append(build())
+        with _lock:  # one build, even when the first calls come from several threads
+            if not _loaded:
+                _loaded.append(build())
     return _loaded[0]
+
+
+def build_pending() -> bool:
+    """Whether the first ops() call will compile the kernel (the CLI says so before that pause)."""
+    if _loaded or os.environ.get("GPTCHAT_KERNELS") == "aten" or not cpu_supported():
+        return False
+    name, build_dir = build_target()
+    return not (build_dir / f"{name}.so").exists()
