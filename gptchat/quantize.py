@@ -10,7 +10,7 @@ Both dequantize exactly as llama.cpp's GGUF blocks do (Q8_0: d * q; Q4_0: d * (q
 those blocks load without any loss (`from_blocks`). From float weights, int8 is symmetric and int4 min/max,
 both per group of GROUP_SIZE columns.
 
-Matmuls: a few rows (decoding) go through gptchat's own kernel where it builds (gptchat/kernels: AVX2, int8
+Matmuls: a few rows (decoding) go through gptchat's own kernel where it builds (gptchat/kernels: AVX2, integer
 activations, the weights as stored), else through PyTorch's weight-only CPU kernels, which are fast only with
 bfloat16 activations: `aten._weight_int8pack_mm` (int8 with one scale per row) and
 `aten._weight_int4pack_mm_for_cpu` (int4 groups; int8 groups run on it too, as two 4-bit halves). Many rows

@@ -71,6 +71,12 @@ def test_bad_inputs_get_a_clear_error(ops):
         ops.int4_linear(torch.randn(1, 32), q.weight, q.scale, q.offset)
 
 
+def test_weights_in_any_memory_layout(ops):
+    q, x = layer("int4", 64, 128), torch.randn(2, 128)
+    strided = [t.t().contiguous().t() for t in (q.weight, q.scale, q.offset)]  # same values, column-major
+    assert torch.equal(ops.int4_linear(x, *strided), ops.int4_linear(x, q.weight, q.scale, q.offset))
+
+
 def test_fake_kernel_for_torch_compile(ops):
     q = layer("int8 grouped", 64, 128)
     torch.library.opcheck(torch.ops.gptchat.int8_linear.default, (torch.randn(3, 128), q.weight, q.scale))

@@ -169,20 +169,24 @@ at::Tensor quantized_matmul(const at::Tensor& x_in, const Weights& w, int64_t N)
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, int64_t K) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "x must be float32 [M, K] on the CPU");
   TORCH_CHECK(K % BLOCK == 0 && x.size(1) == K, "x has ", x.size(1), " columns; the weight wants ", K, " (a multiple of 32)");
-  TORCH_CHECK(weight.is_contiguous() && scale.is_contiguous() && scale.scalar_type() == at::kFloat &&
-              scale.dim() == 2 && scale.size(0) == weight.size(0), "weight and scale must be contiguous, scale float32 [N, groups]");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 2 && scale.size(0) == weight.size(0),
+              "scale must be float32 [N, groups]");
 }
 
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& offset) {
+// The weights are read in place (.contiguous() copies nothing when they already are, as gptchat stores them).
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight_in, const at::Tensor& scale_in,
+                       const at::Tensor& offset_in) {
+  const at::Tensor weight = weight_in.contiguous(), scale = scale_in.contiguous(), offset = offset_in.contiguous();
   const int64_t K = 2 * weight.size(1);
   check_inputs(x, weight, scale, K);
   TORCH_CHECK(weight.scalar_type() == at::kByte && scale.size(1) == K / BLOCK && offset.sizes() == scale.sizes() &&
-              offset.is_contiguous() && offset.scalar_type() == at::kFloat, "int4: uint8 [N, K/2], scale and offset float32 [N, K/32]");
+              offset.scalar_type() == at::kFloat, "int4: uint8 [N, K/2], scale and offset float32 [N, K/32]");
   const Weights w{weight.data_ptr<uint8_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(), scale.size(1)};
   return quantized_matmul<true>(x, w, weight.size(0));
 }
 
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale) {
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight_in, const at::Tensor& scale_in) {
+  const at::Tensor weight = weight_in.contiguous(), scale = scale_in.contiguous();
   const int64_t K = weight.size(1);
   check_inputs(x, weight, scale, K);
   TORCH_CHECK(weight.scalar_type() == at::kChar && (scale.size(1) == K / BLOCK || scale.size(1) == 1),
