@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -45,6 +46,14 @@ def build_target() -> tuple[str, Path]:
     return f"gptchat_quant_matmul_{key}", cache_root() / "kernels" / key
 
 
+def find_ninja() -> None:
+    """torch runs `ninja` from PATH; the pip package's (a dependency) may not be on it, in a venv not activated."""
+    if shutil.which("ninja") is None:
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 def build():
     """Compile (or find already compiled) and load the kernel; the ops namespace, or None with the reason logged."""
     if not cpu_supported():
@@ -54,6 +63,7 @@ def build():
 
     name, build_dir = build_target()
     try:
+        find_ninja()
         build_dir.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(build_dir),
                            extra_cflags=["-O3", "-mavx2", "-mfma"], is_python_module=False, verbose=False)
