@@ -99,9 +99,6 @@ void tile(const QuantizedRows& x, int64_t m0, int64_t G, const Weights& w, int64
   const int8_t* xhi = x.hi.data() + m0 * G * BLOCK;
   const int8_t* xlo = x.lo.data() + m0 * G * BLOCK;
   const float* xd = x.d.data() + m0 * G;
-  // the next tile's weights, from memory while this one computes (a 49152-row head does not fit in any cache)
-  const char* next = reinterpret_cast<const char*>(w.q + (n0 + NR) * row_bytes);
-  for (int64_t at = 0; at < NR * row_bytes; at += 64) _mm_prefetch(next + at, _MM_HINT_T0);
   __m256 acc[MC][NR];
   for (int i = 0; i < MC; ++i)
     for (int r = 0; r < NR; ++r) acc[i][r] = _mm256_setzero_ps();
@@ -136,14 +133,20 @@ void tile(const QuantizedRows& x, int64_t m0, int64_t G, const Weights& w, int64
   }
 }
 
-// All M rows of x against weight rows [begin, end): tiles of up to 4 x rows and NR weight rows.
-template <bool INT4, int MC>
-void rows_tiles(const QuantizedRows& x, int64_t m0, int64_t G, const Weights& w, int64_t begin, int64_t end,
-                float* y, int64_t N) {
-  constexpr int NR = MC == 1 ? 4 : 2;
-  int64_t n = begin;
-  for (; n + NR <= end; n += NR) tile<INT4, MC, NR>(x, m0, G, w, n, y, N);
-  for (; n < end; ++n) tile<INT4, MC, 1>(x, m0, G, w, n, y, N);
+// NR weight rows from n against all M rows of x, 4 at a time: the weights are read from memory once.
+template <bool INT4, int NR>
+void weight_rows(const QuantizedRows& x, int64_t M, int64_t G, const Weights& w, int64_t n, float* y, int64_t N) {
+  // the next rows' weights, from memory while these compute (a 49152-row head does not fit in any cache)
+  const int64_t row_bytes = INT4 ? G * BLOCK / 2 : G * BLOCK;
+  const char* next = reinterpret_cast<const char*>(w.q + (n + NR) * row_bytes);
+  for (int64_t at = 0; at < NR * row_bytes; at += 64) _mm_prefetch(next + at, _MM_HINT_T0);
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) tile<INT4, 4, NR>(x, m, G, w, n, y, N);
+  switch (M - m) {
+    case 3: tile<INT4, 3, NR>(x, m, G, w, n, y, N); break;
+    case 2: tile<INT4, 2, NR>(x, m, G, w, n, y, N); break;
+    case 1: tile<INT4, 1, NR>(x, m, G, w, n, y, N); break;
+  }
 }
 
 template <bool INT4>
@@ -155,13 +158,11 @@ at::Tensor quantized_matmul(const at::Tensor& x_in, const Weights& w, int64_t N)
   float* out = y.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(16, 4096 / (G * M));  // ~4096 block products per task at least
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) rows_tiles<INT4, 4>(qx, m, G, w, begin, end, out, N);
-    switch (M - m) {
-      case 3: rows_tiles<INT4, 3>(qx, m, G, w, begin, end, out, N); break;
-      case 2: rows_tiles<INT4, 2>(qx, m, G, w, begin, end, out, N); break;
-      case 1: rows_tiles<INT4, 1>(qx, m, G, w, begin, end, out, N); break;
-    }
+    int64_t n = begin;  // one row of x: 4 weight rows at a time (4 chains of FMAs); more: 2 (registers)
+    if (M == 1)
+      for (; n + 4 <= end; n += 4) weight_rows<INT4, 4>(qx, M, G, w, n, out, N);
+    for (; n + 2 <= end; n += 2) weight_rows<INT4, 2>(qx, M, G, w, n, out, N);
+    for (; n < end; ++n) weight_rows<INT4, 1>(qx, M, G, w, n, out, N);
   });
   return y;
 }
