@@ -101,12 +101,17 @@ def sampling_params(args):
 def load(args):
     from pathlib import Path
 
+    from . import kernels
     from .checkpoints import default_model_path, detect_format, is_cached, load_model
 
     path = Path(args.model or default_model_path()).expanduser()
     if detect_format(path) == "gguf" and not args.no_cache and not is_cached(path, args.quant):
         print("gptchat: converting the model for fast loading (once; it is cached after this)...", file=sys.stderr)
-    return load_model(path, quant=args.quant, use_cache=not args.no_cache)
+    lm = load_model(path, quant=args.quant, use_cache=not args.no_cache)
+    if lm.info.get("quant", "none") != "none" and kernels.build_pending():
+        print("gptchat: compiling the CPU kernel for quantized models (once, about 30 s)...", file=sys.stderr)
+        kernels.ops()
+    return lm
 
 
 def cmd_generate(args) -> int:

@@ -8,7 +8,8 @@ Two figures, both on fixed English text:
                          predicts text, compared as a ratio to the float32 model's
 
 Tokens are fed GUARD_ROWS at a time through the KV cache, so the quantized layers run through the same
-weight-only kernels (bfloat16 activations) that decoding uses, not only the float32 prompt path.
+kernels that decoding uses (gptchat/kernels, or PyTorch's with bfloat16 activations), not only the float32
+prompt path.
 """
 
 from __future__ import annotations

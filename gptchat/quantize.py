@@ -10,10 +10,11 @@ Both dequantize exactly as llama.cpp's GGUF blocks do (Q8_0: d * q; Q4_0: d * (q
 those blocks load without any loss (`from_blocks`). From float weights, int8 is symmetric and int4 min/max,
 both per group of GROUP_SIZE columns.
 
-Matmuls: a few rows (decoding) go through PyTorch's weight-only CPU kernels, which are fast only with
+Matmuls: a few rows (decoding) go through gptchat's own kernel where it builds (gptchat/kernels: AVX2, integer
+activations, the weights as stored), else through PyTorch's weight-only CPU kernels, which are fast only with
 bfloat16 activations: `aten._weight_int8pack_mm` (int8 with one scale per row) and
 `aten._weight_int4pack_mm_for_cpu` (int4 groups; int8 groups run on it too, as two 4-bit halves). Many rows
-(a prompt) are compute-bound: the weight is dequantized to float32 and multiplied as usual. The kernels'
+(a prompt) are compute-bound: the weight is dequantized to float32 and multiplied as usual. PyTorch's kernels'
 packed layout depends on the CPU's vector width, so checkpoints store the portable form above and the
 kernel form is derived in memory on first use.
 """
@@ -24,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
 from .errors import InvalidParameterError
 
 QUANT_MODES = ("none", "int8", "int4")
@@ -100,6 +102,12 @@ def few_rows(x: torch.Tensor, in_features: int) -> bool:
     return x.numel() // in_features <= SMALL_BATCH and x.device.type == "cpu"
 
 
+def rows_output(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A kernel's [rows, N] result back in x's dtype and leading shape, plus the bias."""
+    y = y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+    return y + bias if bias is not None else y
+
+
 class Int8Linear(nn.Module):
     """int8 weights with a float32 scale per row ([N, 1]) or per group of columns ([N, K/g], e.g. Q8_0)."""
 
@@ -152,6 +160,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         per_row = self.scale.shape[1] == 1
+        ops = kernels.ops() if few_rows(x, self.in_features) else None
+        if ops is not None and self.in_features % kernels.BLOCK == 0 and (per_row or self.group_size == kernels.BLOCK):
+            y = ops.int8_linear(x.reshape(-1, self.in_features).float(), self.weight, self.scale)
+            return rows_output(x, y, self.bias)
         usable = int8_kernel_available() if per_row else int4_kernel_available() and int4_fits(
             self.out_features, 2 * self.in_features, self.group_size)
         if usable and few_rows(x, self.in_features):
@@ -161,8 +173,7 @@ class Int8Linear(nn.Module):
                 y = torch.ops.aten._weight_int8pack_mm(x2, w, s)
             else:
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.cat((x2, x2), dim=1), w, self.group_size, s)
-            y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-            return y + self.bias if self.bias is not None else y
+            return rows_output(x, y, self.bias)
         return F.linear(x, self.dequantized().to(x.dtype), self.bias)
 
 
@@ -204,12 +215,15 @@ class Int4Linear(nn.Module):
         return self._kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = kernels.ops() if few_rows(x, self.in_features) else None
+        if ops is not None and self.group_size == kernels.BLOCK:
+            y = ops.int4_linear(x.reshape(-1, self.in_features).float(), self.weight, self.scale, self.offset)
+            return rows_output(x, y, self.bias)
         if int4_kernel_available() and few_rows(x, self.in_features):
             w, s = self.kernel()
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x.reshape(-1, self.in_features).to(torch.bfloat16), w, self.group_size, s)
-            y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-            return y + self.bias if self.bias is not None else y
+            return rows_output(x, y, self.bias)
         return F.linear(x, self.dequantized().to(x.dtype), self.bias)
 
 

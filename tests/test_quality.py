@@ -2,10 +2,12 @@
 
 The reference is the float32 model dequantized from the GGUF (the float model the Q4_1 file was made
 from is not available). int4 from the GGUF runs the file's own 4-bit weights, so its divergence is only
-the bfloat16 activations of the decode kernels; int4 requantized from the float32 weights shows what
-int4 costs a float model. Measured on this repository's machine (mean KL in nats, perplexity ratio):
-int8 0.0018 / 1.004, int4 from GGUF 0.0007 / 1.001, int4 requantized 0.057 / 1.052 (and its greedy
-answer to the Paris question goes wrong: one reason `auto` does not pick int4 for float weights).
+the activations' rounding in the decode kernels; int4 requantized from the float32 weights shows what
+int4 costs a float model. Measured on this repository's machine (mean KL in nats, perplexity ratio),
+with gptchat's kernel (14-bit activations): int8 0.0012 / 0.999, int4 from GGUF 0.000001 / 1.000, int4
+requantized 0.055 / 1.049; with PyTorch's (GPTCHAT_KERNELS=aten, bfloat16 activations): int8 0.0018 / 1.004,
+int4 from GGUF 0.0007 / 1.001, int4 requantized 0.057 / 1.052 (and its greedy answer to the Paris question
+goes wrong: one reason `auto` does not pick int4 for float weights).
 """
 
 import copy
@@ -51,9 +53,9 @@ def test_quantized_default_model_stays_faithful(default_lm, reference, mode):
         assert lm.info["quant"] == mode
     kl = mean_kl(ref_logits, token_logits(lm.model, fixed))
     ratio = perplexity(token_logits(lm.model, held), held) / ref_ppl
-    print(f"{mode}: mean KL {kl:.4f} nats, perplexity ratio {ratio:.4f}")
+    print(f"{mode}: mean KL {kl:.6f} nats, perplexity ratio {ratio:.4f}")
     max_kl, max_ratio = BOUNDS[mode]
-    assert 0 < kl <= max_kl and ratio <= max_ratio
+    assert kl <= max_kl and ratio <= max_ratio  # int4 from the GGUF: ~1e-6 with gptchat's kernel
     engine = Engine(lm)
     ids = build_prompt(engine, [{"role": "user", "content": "What is the capital of France?"}], 64).ids
     reply = engine.generate(ids, SamplingParams(temperature=0, max_new_tokens=32)).text

@@ -1,0 +1,107 @@
+"""gptchat's own CPU kernel for quantized matmuls with a few rows (decoding): quant_matmul.cpp.
+
+PyTorch's weight-only int4 kernel converts bfloat16 activations in software on CPUs without avx512_bf16,
+which makes it compute-bound there. This one does what llama.cpp does on AVX2: activations quantized to
+int8 per block of 32, integer dot products with the weights as gptchat stores them (Int4Linear, Int8Linear).
+
+It is compiled on first use (`torch.utils.cpp_extension.load`, g++ and ninja; ~30 s) into the cache,
+under a name keyed by the source and torch version, and only on CPUs with AVX2 and FMA. Where it cannot be
+built or loaded, `ops()` returns None and the quantized Linears use PyTorch's kernels instead; so does
+GPTCHAT_KERNELS=aten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("quant_matmul.cpp")
+BLOCK = 32  # columns per quantization block, on both sides of the dot products
+_loaded: list = []  # [] until the first try, then [the ops namespace, or None]
+_lock = threading.Lock()
+
+
+def cpu_supported() -> bool:
+    """AVX2 and FMA on x86-64 Linux (the kernel's instructions)."""
+    try:
+        flags = next((line.split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+def build_target() -> tuple[str, Path]:
+    """(library name, build folder): cache/kernels/<hash of the source and the torch version>."""
+    from ..checkpoints import cache_root
+
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    return f"gptchat_quant_matmul_{key}", cache_root() / "kernels" / key
+
+
+def find_ninja() -> None:
+    """torch runs `ninja` from PATH; the pip package's (a dependency) may not be on it, in a venv not activated."""
+    if shutil.which("ninja") is None:
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def build():
+    """Compile (or find already compiled) and load the kernel; the ops namespace, or None with the reason logged."""
+    if not cpu_supported():
+        log.info("gptchat kernels: this CPU lacks AVX2/FMA; using PyTorch's quantized matmuls")
+        return None
+    from torch.utils import cpp_extension
+
+    name, build_dir = build_target()
+    try:
+        find_ninja()
+        build_dir.mkdir(parents=True, exist_ok=True)
+        cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(build_dir),
+                           extra_cflags=["-O3", "-mavx2", "-mfma"], is_python_module=False, verbose=False)
+    except Exception as e:  # no compiler, no ninja, a failed build: PyTorch's kernels still work
+        last_line = (str(e).strip().splitlines() or [""])[-1]
+        log.warning("gptchat kernels: could not build %s (%s: %s); using PyTorch's quantized matmuls",
+                    SOURCE.name, type(e).__name__, last_line)
+        return None
+    register_fakes()
+    return torch.ops.gptchat
+
+
+def register_fakes() -> None:
+    """Output shapes without running the kernel, so torch.compile can trace through the ops."""
+
+    @torch.library.register_fake("gptchat::int4_linear")
+    def _(x, weight, scale, offset):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake("gptchat::int8_linear")
+    def _(x, weight, scale):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def ops():
+    """torch.ops.gptchat (int4_linear, int8_linear), or None: unsupported, failed to build, or GPTCHAT_KERNELS=aten."""
+    if os.environ.get("GPTCHAT_KERNELS") == "aten":
+        return None
+    if not _loaded:
+        with _lock:  # one build, even when the first calls come from several threads
+            if not _loaded:
+                _loaded.append(build())
+    return _loaded[0]
+
+
+def build_pending() -> bool:
+    """Whether the first ops() call will compile the kernel (the CLI says so before that pause)."""
+    if _loaded or os.environ.get("GPTCHAT_KERNELS") == "aten" or not cpu_supported():
+        return False
+    name, build_dir = build_target()
+    return not (build_dir / f"{name}.so").exists()

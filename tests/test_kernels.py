@@ -1,0 +1,106 @@
+"""gptchat's AVX2 kernel for quantized matmuls with a few rows (gptchat/kernels) against the dequantized
+float32 matmul, and the fallback to PyTorch's kernels. (~30 s, most of it compiling the kernel once)
+
+The kernel quantizes each row of x per block of 32 columns to 14-bit integers (x ~= qx * dx, dx = max|x| /
+8191), so each x is off by at most dx / 2: |y - x @ w.T| <= sum over columns of |w| * dx / 2 bounds the error. The
+kernel's result is exactly the dequantized w times the quantized x: with x quantized in Python, the two
+must match to float rounding.
+"""
+
+import pytest
+import torch
+
+from gptchat import kernels
+from gptchat.quantize import Int4Linear, Int8Linear, quantize_int8
+
+SHAPES = [(96, 576), (40, 1536), (12290, 576)]  # (N, K): a small layer, SmolLM2's down_proj K, a tall head
+ROWS = [1, 3, 6, 16]  # tiles of 4, 3, 2 and 1 rows of x
+
+
+@pytest.fixture(scope="module")
+def ops():
+    if not kernels.cpu_supported():
+        pytest.skip("the kernel needs AVX2 and FMA")
+    ops = kernels.ops()
+    assert ops is not None, "the kernel did not build (see the log)"
+    return ops
+
+
+def layer(kind, N, K):
+    g = torch.Generator().manual_seed(N + K)
+    linear = torch.nn.Linear(K, N, bias=False)
+    linear.weight.data = torch.randn(N, K, generator=g) * 0.05
+    if kind == "int4":
+        return Int4Linear.from_linear(linear)
+    q = Int8Linear(K, N, False)
+    q.weight, q.scale = quantize_int8(linear.weight.detach(), 32 if kind == "int8 grouped" else None)
+    return q
+
+
+def quantized_x(x):
+    """x as the kernel sees it (per block of 32: round(x * 8191 / max|x|) * max|x| / 8191), and dx / 2."""
+    blocks = x.view(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    q = torch.round(blocks * torch.where(amax > 0, 8191 / amax, 0))
+    return (q * (amax / 8191)).view_as(x), (amax / 16382).expand_as(blocks).reshape_as(x)
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8 grouped", "int8 per row"])
+@pytest.mark.parametrize("N,K", SHAPES)
+def test_kernel_matches_dequantized_matmul(ops, kind, N, K):
+    q = layer(kind, N, K)
+    w = q.dequantized()
+    for M in ROWS:
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
+        if kind == "int4":
+            y = ops.int4_linear(x, q.weight, q.scale, q.offset)
+        else:
+            y = ops.int8_linear(x, q.weight, q.scale)
+        assert y.shape == (M, N) and y.dtype == torch.float32
+        xq, half_step = quantized_x(x)
+        exact = x @ w.T
+        rounding = 1e-5 * exact.abs().max()  # float32 sums in another order
+        assert ((y - xq @ w.T).abs() <= rounding).all(), (kind, M)
+        assert ((y - exact).abs() <= half_step @ w.abs().T + rounding).all(), (kind, M)
+        assert torch.equal(q(x), y)  # the layer's forward uses the kernel for these few rows
+
+
+def test_bad_inputs_get_a_clear_error(ops):
+    q = layer("int4", 32, 64)
+    with pytest.raises(RuntimeError, match="x has 32 columns; the weight wants 64"):
+        ops.int4_linear(torch.randn(1, 32), q.weight, q.scale, q.offset)
+
+
+def test_weights_in_any_memory_layout(ops):
+    q, x = layer("int4", 64, 128), torch.randn(2, 128)
+    strided = [t.t().contiguous().t() for t in (q.weight, q.scale, q.offset)]  # same values, column-major
+    assert torch.equal(ops.int4_linear(x, *strided), ops.int4_linear(x, q.weight, q.scale, q.offset))
+
+
+def test_fake_kernel_for_torch_compile(ops):
+    q = layer("int8 grouped", 64, 128)
+    torch.library.opcheck(torch.ops.gptchat.int8_linear.default, (torch.randn(3, 128), q.weight, q.scale))
+
+
+def test_aten_fallback(ops, monkeypatch):
+    q, x = layer("int4", 96, 576), torch.randn(2, 576)
+    ours = q(x)
+    monkeypatch.setenv("GPTCHAT_KERNELS", "aten")
+    assert kernels.ops() is None
+    theirs = q(x)  # PyTorch's int4 kernel, bfloat16 activations
+    assert not torch.equal(ours, theirs)
+    exact = x @ q.dequantized().T
+    assert (theirs - exact).abs().max() <= 2e-2 * exact.abs().max()
+
+
+def test_failed_build_falls_back_with_a_log(monkeypatch, caplog):
+    from torch.utils import cpp_extension
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("Error building extension: g++: command not found")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(kernels, "cpu_supported", lambda: True)
+    with caplog.at_level("WARNING", logger="gptchat.kernels"):
+        assert kernels.build() is None
+    assert "could not build quant_matmul.cpp" in caplog.text and "g++: command not found" in caplog.text
