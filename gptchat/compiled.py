@@ -13,7 +13,7 @@ is the cache's capacity: one package serves every step of a cache that grows by 
 this torch; its file name is a fingerprint of all of them. The fused loops are compiled single-threaded
 (they touch a few thousand numbers each; spreading them over threads costs a barrier each, and on a
 machine shared with other work a barrier waits for a descheduled thread), while the quantized matmuls
-inside stay PyTorch's own kernels and use all of its threads. Batch size 1 (chat and
+inside stay calls to their kernels (gptchat/kernels, else PyTorch's), which use all of torch's threads. Batch size 1 (chat and
 generate); the server's batches decode eagerly.
 
 Where compiling or loading fails (no C++ compiler, an op inductor cannot handle), the decoder says so
@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from . import kernels
 from .model import GPT, KVCache
 
 PACKAGE_VERSION = 1  # bump when the step's graph changes in a way the fingerprint cannot see
@@ -74,7 +75,10 @@ class DecodeStep(nn.Module):
 
 
 def prepare_kernels(model: nn.Module) -> None:
-    """Derive every quantized layer's kernel tensors now, so the trace holds them as they are."""
+    """Where the quantized layers run on PyTorch's kernels, derive their kernel-layout tensors now, so the
+    trace holds them as they are (gptchat's own kernel reads the weights as stored: nothing to derive)."""
+    if kernels.ops() is not None:
+        return
     for m in model.modules():
         if hasattr(m, "kernel") and callable(m.kernel):
             m.kernel()
@@ -97,11 +101,13 @@ def cpu_flags() -> str:
 
 def fingerprint(model: GPT) -> str:
     """Identifies a package: the model's config and weights (names, shapes, dtypes and an even sample of
-    every tensor's values), the gptchat source that shapes the graph, torch and the CPU."""
+    every tensor's values), the gptchat source that shapes the graph (and whether gptchat's own kernel
+    serves the quantized layers), torch and the CPU."""
     h = hashlib.sha256()
     here = Path(__file__).parent
-    for name in ("compiled.py", "model.py", "quantize.py"):
+    for name in ("compiled.py", "model.py", "quantize.py", "kernels/quant_matmul.cpp"):
         h.update((here / name).read_bytes())
+    h.update(b"own kernel" if kernels.ops() is not None else b"aten kernels")
     h.update(f"{PACKAGE_VERSION}|{torch.__version__}|{cpu_flags()}".encode())
     h.update(repr(sorted(model.config.to_dict().items())).encode())
     for name, t in model.state_dict().items():
@@ -179,6 +185,7 @@ class CompiledDecoder:
                     build_package(self.model, path)
                     if self.announce:
                         print(f"gptchat: compiled in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+                kernels.ops()  # the package calls gptchat's kernel ops: load them first
                 self._runner = torch._inductor.aoti_load_package(str(path))
                 drop_kernels(self.model)  # the package has its own copy of the kernel tensors
             except Exception as e:  # no compiler, an op that cannot be compiled, a damaged package
