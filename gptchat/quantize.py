@@ -30,7 +30,8 @@ from .errors import InvalidParameterError
 
 QUANT_MODES = ("none", "int8", "int4")
 GROUP_SIZE = 32  # int4 columns sharing a scale and an offset (llama.cpp's Q4_0/Q4_1 blocks are 32 too)
-SMALL_BATCH = 16  # at most this many rows go through the weight-only kernels; more are dequantized
+SMALL_BATCH = 16  # at most this many rows go through PyTorch's weight-only kernels; more are dequantized
+KERNEL_ROWS = 32  # gptchat's kernel (gptchat/kernels) beats dequantize + matmul up to ~40 rows here
 PACK_ROWS = 4096  # rows converted to the int4 kernel layout at a time (bounds the int32 temporary)
 
 
@@ -98,8 +99,8 @@ def int4_kernel_scales(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     return torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
 
 
-def few_rows(x: torch.Tensor, in_features: int) -> bool:
-    return x.numel() // in_features <= SMALL_BATCH and x.device.type == "cpu"
+def few_rows(x: torch.Tensor, in_features: int, most: int = SMALL_BATCH) -> bool:
+    return x.numel() // in_features <= most and x.device.type == "cpu"
 
 
 def rows_output(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -160,7 +161,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         per_row = self.scale.shape[1] == 1
-        ops = kernels.ops() if few_rows(x, self.in_features) else None
+        ops = kernels.ops() if few_rows(x, self.in_features, KERNEL_ROWS) else None
         if ops is not None and self.in_features % kernels.BLOCK == 0 and (per_row or self.group_size == kernels.BLOCK):
             y = ops.int8_linear(x.reshape(-1, self.in_features).float(), self.weight, self.scale)
             return rows_output(x, y, self.bias)
@@ -215,7 +216,7 @@ class Int4Linear(nn.Module):
         return self._kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ops = kernels.ops() if few_rows(x, self.in_features) else None
+        ops = kernels.ops() if few_rows(x, self.in_features, KERNEL_ROWS) else None
         if ops is not None and self.group_size == kernels.BLOCK:
             y = ops.int4_linear(x.reshape(-1, self.in_features).float(), self.weight, self.scale, self.offset)
             return rows_output(x, y, self.bias)
