@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from . import kernels
+from .cpu import cpu_flags
 from .model import GPT, KVCache
 
 PACKAGE_VERSION = 1  # bump when the step's graph changes in a way the fingerprint cannot see
@@ -91,14 +92,6 @@ def drop_kernels(model: nn.Module) -> None:
             m._kernel = None
 
 
-def cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return ""
-
-
 def fingerprint(model: GPT) -> str:
     """Identifies a package: the model's config and weights (names, shapes, dtypes and an even sample of
     every tensor's values), the gptchat source that shapes the graph (and whether gptchat's own kernel
@@ -108,7 +101,7 @@ def fingerprint(model: GPT) -> str:
     for name in ("compiled.py", "model.py", "quantize.py", "kernels/quant_matmul.cpp"):
         h.update((here / name).read_bytes())
     h.update(b"own kernel" if kernels.ops() is not None else b"aten kernels")
-    h.update(f"{PACKAGE_VERSION}|{torch.__version__}|{cpu_flags()}".encode())
+    h.update(f"{PACKAGE_VERSION}|{torch.__version__}|{sorted(cpu_flags())}".encode())
     h.update(repr(sorted(model.config.to_dict().items())).encode())
     for name, t in model.state_dict().items():
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())

@@ -22,23 +22,13 @@ import torch
 
 from .checkpoints import LoadedModel
 from .compiled import CompiledDecoder
+from .cpu import cpu_has_fast_bf16
 from .errors import ContextLengthError
 from .model import KVCache
 from .sampling import SamplingParams, TokenSampler
 from .streaming import IncrementalDetokenizer, StopStringMatcher
 
 PREFILL_CHUNK = 512  # long prompts are prefilled in chunks so attention scores stay small
-
-
-def cpu_has_fast_bf16() -> bool:
-    """bfloat16 matmuls beat float32 only with native bf16 instructions (avx512_bf16, AMX); on plain AVX2 they
-    are several times slower."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def prefill_dtype() -> torch.dtype:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from . import distributed
 from .checkpoints.native import load_native, save_native
+from .cpu import cpu_has_fast_bf16
 from .errors import GptchatError
 from .model import GPT, GPTConfig
 
@@ -85,15 +86,6 @@ def lr_at(step: int, s: TrainSettings) -> float:
     progress = min(1.0, (step - s.warmup) / max(1, s.steps - s.warmup))
     remaining = 0.5 * (1 + math.cos(math.pi * progress)) if s.schedule == "cosine" else 1 - progress
     return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * remaining)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """AVX-512 BF16 or AMX: CPUs where bfloat16 matmuls beat float32 (elsewhere they are emulated, slower)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_dtype(name: str, device) -> str:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from ..cpu import cpu_flags
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("quant_matmul.cpp")
@@ -31,11 +33,7 @@ _lock = threading.Lock()
 
 def cpu_supported() -> bool:
     """AVX2 and FMA on x86-64 Linux (the kernel's instructions)."""
-    try:
-        flags = next((line.split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx2" in flags and "fma" in flags
+    return {"avx2", "fma"} <= cpu_flags()
 
 
 def build_target() -> tuple[str, Path]:
