@@ -99,8 +99,15 @@ def int4_kernel_scales(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     return torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
 
 
-def few_rows(x: torch.Tensor, in_features: int, most: int = SMALL_BATCH) -> bool:
-    return x.numel() // in_features <= most and x.device.type == "cpu"
+def few_rows(x: torch.Tensor, in_features: int) -> bool:
+    return x.numel() // in_features <= SMALL_BATCH and x.device.type == "cpu"
+
+
+def own_kernel_rows(rows: int, int4: bool) -> bool:
+    """Whether gptchat's kernel multiplies this many rows: up to KERNEL_ROWS, except 2-16 rows of an int4 layer,
+    where PyTorch's int4 kernel was faster here with 2 threads (it converts each weight once for all rows; ours
+    multiplies every row in integers). Decoding one sequence (1 row) and short prompts (17-32) take ours."""
+    return rows <= KERNEL_ROWS and not (int4 and 1 < rows <= SMALL_BATCH and int4_kernel_available())
 
 
 def rows_output(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -161,8 +168,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         per_row = self.scale.shape[1] == 1
-        ops = kernels.ops() if few_rows(x, self.in_features, KERNEL_ROWS) else None
-        if ops is not None and self.in_features % kernels.BLOCK == 0 and (per_row or self.group_size == kernels.BLOCK):
+        ops = kernels.ops() if own_kernel_rows(x.numel() // self.in_features, int4=False) else None
+        if ops is not None and x.device.type == "cpu" and self.in_features % kernels.BLOCK == 0 and (per_row or self.group_size == kernels.BLOCK):
             y = ops.int8_linear(x.reshape(-1, self.in_features).float(), self.weight, self.scale)
             return rows_output(x, y, self.bias)
         usable = int8_kernel_available() if per_row else int4_kernel_available() and int4_fits(
@@ -216,8 +223,8 @@ class Int4Linear(nn.Module):
         return self._kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ops = kernels.ops() if few_rows(x, self.in_features, KERNEL_ROWS) else None
-        if ops is not None and self.group_size == kernels.BLOCK:
+        ops = kernels.ops() if own_kernel_rows(x.numel() // self.in_features, int4=True) else None
+        if ops is not None and self.group_size == kernels.BLOCK and x.device.type == "cpu":
             y = ops.int4_linear(x.reshape(-1, self.in_features).float(), self.weight, self.scale, self.offset)
             return rows_output(x, y, self.bias)
         if int4_kernel_available() and few_rows(x, self.in_features):

@@ -10,7 +10,7 @@ must match to float rounding.
 import pytest
 import torch
 
-from gptchat import kernels
+from gptchat import kernels, quantize
 from gptchat.quantize import Int4Linear, Int8Linear, quantize_int8
 
 SHAPES = [(96, 576), (40, 1536), (12290, 576)]  # (N, K): a small layer, SmolLM2's down_proj K, a tall head
@@ -62,7 +62,8 @@ def test_kernel_matches_dequantized_matmul(ops, kind, N, K):
         rounding = 1e-5 * exact.abs().max()  # float32 sums in another order
         assert ((y - xq @ w.T).abs() <= rounding).all(), (kind, M)
         assert ((y - exact).abs() <= half_step @ w.abs().T + rounding).all(), (kind, M)
-        assert torch.equal(q(x), y)  # the layer's forward uses the kernel for these few rows
+        if quantize.own_kernel_rows(M, int4=kind == "int4"):
+            assert torch.equal(q(x), y)  # the layer's forward uses the kernel for these few rows
 
 
 def test_bad_inputs_get_a_clear_error(ops):
@@ -83,7 +84,7 @@ def test_fake_kernel_for_torch_compile(ops):
 
 
 def test_aten_fallback(ops, monkeypatch):
-    q, x = layer("int4", 96, 576), torch.randn(2, 576)
+    q, x = layer("int4", 96, 576), torch.randn(1, 576)  # one row: gptchat's kernel by default
     ours = q(x)
     monkeypatch.setenv("GPTCHAT_KERNELS", "aten")
     assert kernels.ops() is None
