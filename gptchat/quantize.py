@@ -110,6 +110,13 @@ def own_kernel_rows(rows: int, int4: bool) -> bool:
     return rows <= KERNEL_ROWS and not (int4 and 1 < rows <= SMALL_BATCH and int4_kernel_available())
 
 
+def own_kernel_for(x: torch.Tensor, in_features: int, int4: bool):
+    """gptchat's kernel ops if they should multiply x (on the CPU, rows as own_kernel_rows says), else None."""
+    if x.device.type != "cpu" or not own_kernel_rows(x.numel() // in_features, int4):
+        return None
+    return kernels.ops()
+
+
 def rows_output(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """A kernel's [rows, N] result back in x's dtype and leading shape, plus the bias."""
     y = y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
@@ -168,8 +175,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         per_row = self.scale.shape[1] == 1
-        ops = kernels.ops() if own_kernel_rows(x.numel() // self.in_features, int4=False) else None
-        if ops is not None and x.device.type == "cpu" and self.in_features % kernels.BLOCK == 0 and (per_row or self.group_size == kernels.BLOCK):
+        ops = own_kernel_for(x, self.in_features, int4=False)
+        if ops is not None and self.in_features % kernels.BLOCK == 0 and (per_row or self.group_size == kernels.BLOCK):
             y = ops.int8_linear(x.reshape(-1, self.in_features).float(), self.weight, self.scale)
             return rows_output(x, y, self.bias)
         usable = int8_kernel_available() if per_row else int4_kernel_available() and int4_fits(
@@ -223,8 +230,8 @@ class Int4Linear(nn.Module):
         return self._kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ops = kernels.ops() if own_kernel_rows(x.numel() // self.in_features, int4=True) else None
-        if ops is not None and self.group_size == kernels.BLOCK and x.device.type == "cpu":
+        ops = own_kernel_for(x, self.in_features, int4=True)
+        if ops is not None and self.group_size == kernels.BLOCK:
             y = ops.int4_linear(x.reshape(-1, self.in_features).float(), self.weight, self.scale, self.offset)
             return rows_output(x, y, self.bias)
         if int4_kernel_available() and few_rows(x, self.in_features):
