@@ -145,6 +145,16 @@ def pct(values: list[float], p: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[p - 1]
 
 
+def measure_server(name: str, cmd: list[str], url: str, load: dict) -> dict:
+    """Start a server, put the load on it, stop it; its figures."""
+    proc = start_server(cmd, url)
+    try:
+        log(f"{name}: {load['n']} requests at {load['rate']}/s")
+        return asyncio.run(run_load(url, None, None, **load))
+    finally:
+        stop(proc)
+
+
 def stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
@@ -185,12 +195,7 @@ def main() -> int:
             cmd = [sys.executable, "-m", "gptchat.cli", "serve", "--model", gguf, "--quant", args.quant, "--port",
                    str(port), "--max-concurrency", str(args.max_concurrency), "--log-level", "warning"]
             os.environ.update(env_threads)
-            proc = start_server(cmd, url)
-            try:
-                log(f"gptchat: {args.requests} requests at {args.rate}/s")
-                figures["gptchat"] = asyncio.run(run_load(url, None, None, **load))
-            finally:
-                stop(proc)
+            figures["gptchat"] = measure_server("gptchat", cmd, url, load)
 
     if args.only in (None, "llama.cpp"):
         if importlib.util.find_spec("llama_cpp") is None:
@@ -202,12 +207,7 @@ def main() -> int:
                    "--n_ctx", "2048",
                    # its default cancels the running stream whenever a new request arrives; queue them instead
                    "--interrupt_requests", "False"] + (["--n_threads", str(args.threads)] if args.threads else [])
-            proc = start_server(cmd, url)
-            try:
-                log(f"llama.cpp: {args.requests} requests at {args.rate}/s")
-                figures["llama.cpp"] = asyncio.run(run_load(url, None, None, **load))
-            finally:
-                stop(proc)
+            figures["llama.cpp"] = measure_server("llama.cpp", cmd, url, load)
 
     print(f"\n{args.requests} streaming chat requests, Poisson arrivals at {args.rate}/s, max_tokens "
           f"{args.max_tokens}, greedy\n")
