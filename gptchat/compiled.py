@@ -9,8 +9,16 @@ load the package in a fraction of a second instead of compiling again.
 The graph must not change from token to token, so the step takes the position as a tensor and writes
 this token's keys and values into the cache in place at that position; it attends over the first
 `window` positions, where window (pos + 1) is passed as the length of a small tensor, a dynamic size, as
-is the cache's capacity: one package serves every step of a cache that grows by doubling. A package belongs to one model's weights (it embeds them), one quantization, this CPU and
-this torch; its file name is a fingerprint of all of them. The fused loops are compiled single-threaded
+is the cache's capacity: one package serves every step of a cache that grows by doubling.
+
+Where gptchat's own kernel serves the quantized layers, every weight the step reads is one of the model's
+own tensors, so the package holds code only (a few MB) and is handed the model's tensors when it loads
+(AOTInductor's user-managed constants): the weights are in memory once, loading takes milliseconds, and a
+package serves every model of the same architecture and quantization (a fine-tune reuses its base's).
+On PyTorch's kernels the step reads weight copies in those kernels' layout, which the package embeds;
+such a package belongs to one model's weights. A package's file name is a fingerprint of what it
+depends on: the architecture and weight layout (and, when embedded, the weights), gptchat's source, this
+torch and this CPU. The fused loops are compiled single-threaded
 (they touch a few thousand numbers each; spreading them over threads costs a barrier each, and on a
 machine shared with other work a barrier waits for a descheduled thread), while the quantized matmuls
 inside stay calls to their kernels (gptchat/kernels, else PyTorch's), which use all of torch's threads. Batch size 1 (chat and
@@ -38,7 +46,7 @@ from . import kernels
 from .cpu import cpu_flags
 from .model import GPT, KVCache
 
-PACKAGE_VERSION = 1  # bump when the step's graph changes in a way the fingerprint cannot see
+PACKAGE_VERSION = 2  # bump when the step's graph changes in a way the fingerprint cannot see
 
 
 class StepCache:
@@ -92,23 +100,38 @@ def drop_kernels(model: nn.Module) -> None:
             m._kernel = None
 
 
+def weights_outside() -> bool:
+    """Whether packages read the model's own tensors (gptchat's kernel) rather than embedding copies."""
+    return kernels.ops() is not None
+
+
 def fingerprint(model: GPT) -> str:
-    """Identifies a package: the model's config and weights (names, shapes, dtypes and an even sample of
-    every tensor's values), the gptchat source that shapes the graph (and whether gptchat's own kernel
-    serves the quantized layers), torch and the CPU."""
+    """Identifies a package: the model's config and tensors (names, shapes, dtypes; and an even sample of
+    every tensor's values when the package embeds them), the gptchat source that shapes the graph (and
+    whether gptchat's own kernel serves the quantized layers), torch and the CPU."""
     h = hashlib.sha256()
     here = Path(__file__).parent
     for name in ("compiled.py", "model.py", "quantize.py", "kernels/quant_matmul.cpp"):
         h.update((here / name).read_bytes())
-    h.update(b"own kernel" if kernels.ops() is not None else b"aten kernels")
+    outside = weights_outside()
+    h.update(b"own kernel, weights outside" if outside else b"aten kernels, weights embedded")
     h.update(f"{PACKAGE_VERSION}|{torch.__version__}|{sorted(cpu_flags())}".encode())
     h.update(repr(sorted(model.config.to_dict().items())).encode())
     for name, t in model.state_dict().items():
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        flat = t.detach().reshape(-1)
-        step = max(1, flat.numel() // 4096)
-        h.update(flat[::step].contiguous().view(torch.uint8).numpy().tobytes())
+        if not outside:
+            flat = t.detach().reshape(-1)
+            step = max(1, flat.numel() // 4096)
+            h.update(flat[::step].contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:24]
+
+
+def model_tensors(model: GPT) -> dict[str, torch.Tensor]:
+    """The model's parameters and buffers by the names the exported step gives them (tied ones twice)."""
+    step = DecodeStep(model)
+    named = dict(step.named_parameters(remove_duplicate=False))
+    named.update(step.named_buffers(remove_duplicate=False))
+    return {name: t.detach() for name, t in named.items()}
 
 
 def package_path(model: GPT) -> Path:
@@ -119,6 +142,12 @@ def package_path(model: GPT) -> Path:
 
 def build_package(model: GPT, path: Path) -> None:
     """Export the decode step of `model` and compile it into `path` (written atomically)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's deprecations inside export and inductor
+        export_and_compile(model, path)
+
+
+def export_and_compile(model: GPT, path: Path) -> None:
     config = model.config
     capacity = min(config.max_seq_len, 64)
     shape = (1, config.n_kv_head, capacity, config.head_dim)
@@ -137,12 +166,20 @@ def build_package(model: GPT, path: Path) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # no OpenMP in the generated loops (see the module docstring)
     try:
-        torch._inductor.aoti_compile_and_package(program, package_path=tmp)
+        torch._inductor.aoti_compile_and_package(
+            program, package_path=tmp,
+            inductor_configs={"aot_inductor.package_constants_in_so": not weights_outside()})
         os.replace(tmp, path)
     finally:
         torch.set_num_threads(threads)
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def load_package(path: Path):
+    """The package's runner, through AOTInductor's C++ loader itself: torch._inductor.aoti_load_package
+    would first import the compiler stack (torch._dynamo, ~3 s here) that running a package never needs."""
+    return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)  # one runner, on the CPU
 
 
 class CompiledDecoder:
@@ -179,8 +216,12 @@ class CompiledDecoder:
                     if self.announce:
                         print(f"gptchat: compiled in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
                 kernels.ops()  # the package calls gptchat's kernel ops: load them first
-                self._runner = torch._inductor.aoti_load_package(str(path))
-                drop_kernels(self.model)  # the package has its own copy of the kernel tensors
+                runner = load_package(path)
+                if weights_outside():
+                    self._give_weights(runner)
+                else:
+                    drop_kernels(self.model)  # the package has its own copy of the kernel tensors
+                self._runner = runner
             except Exception as e:  # no compiler, an op that cannot be compiled, a damaged package
                 self._fail("compiling the decode step", e)
                 if path is not None:
@@ -192,6 +233,17 @@ class CompiledDecoder:
                         pass
         return self._runner
 
+    def _give_weights(self, runner) -> None:
+        """Point the package at the model's own tensors (no copy: they must outlive the package, and
+        the model's weights are never replaced while an engine uses it)."""
+        tensors = model_tensors(self.model)
+        wanted = runner.get_constant_fqns()
+        missing = [name for name in wanted if name not in tensors]
+        if missing:
+            raise RuntimeError(f"the package reads tensors the model does not have: {', '.join(missing[:3])}")
+        self._constants = {name: tensors[name] for name in wanted}
+        runner.load_constants(self._constants, False, True, True, False)  # cpu, full update, user-managed
+
     @torch.inference_mode()
     def __call__(self, token: int, cache: KVCache) -> torch.Tensor | None:
         """The next logits [vocab] (the cache advanced by one), or None to decode eagerly instead."""
@@ -200,8 +252,8 @@ class CompiledDecoder:
         pos = cache.length
         cache.reserve(pos + 1)
         try:
-            logits = self._runner(torch.tensor([[token]]), torch.tensor([pos]), torch.empty(pos + 1),
-                                  *cache.k.unbind(0), *cache.v.unbind(0))
+            logits, = self._runner.boxed_run([torch.tensor([[token]]), torch.tensor([pos]), torch.empty(pos + 1),
+                                              *cache.k.unbind(0), *cache.v.unbind(0)])
         except Exception as e:
             self._fail("the compiled decode step", e)
             return None

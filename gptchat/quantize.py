@@ -117,6 +117,17 @@ def own_kernel_for(x: torch.Tensor, in_features: int, int4: bool):
     return kernels.ops()
 
 
+def float_weight(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's weights in float32 to multiply x (many rows: a prompt): converted by gptchat's kernel in one
+    parallel pass on the CPU (~10x faster than the chain of tensor ops in `dequantized`), else by those ops."""
+    ops = kernels.ops() if x.device.type == "cpu" and layer.weight.device.type == "cpu" else None
+    if ops is not None and isinstance(layer, Int4Linear) and layer.group_size % kernels.BLOCK == 0:
+        return ops.int4_dequantize(layer.weight, layer.scale, layer.offset)
+    if ops is not None and isinstance(layer, Int8Linear) and layer.group_size % 8 == 0:
+        return ops.int8_dequantize(layer.weight, layer.scale)
+    return layer.dequantized()
+
+
 def rows_output(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """A kernel's [rows, N] result back in x's dtype and leading shape, plus the bias."""
     y = y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
@@ -189,7 +200,7 @@ class Int8Linear(nn.Module):
             else:
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.cat((x2, x2), dim=1), w, self.group_size, s)
             return rows_output(x, y, self.bias)
-        return F.linear(x, self.dequantized().to(x.dtype), self.bias)
+        return F.linear(x, float_weight(self, x).to(x.dtype), self.bias)
 
 
 class Int4Linear(nn.Module):
@@ -239,7 +250,7 @@ class Int4Linear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x.reshape(-1, self.in_features).to(torch.bfloat16), w, self.group_size, s)
             return rows_output(x, y, self.bias)
-        return F.linear(x, self.dequantized().to(x.dtype), self.bias)
+        return F.linear(x, float_weight(self, x).to(x.dtype), self.bias)
 
 
 QUANTIZED_LINEARS = (Int8Linear, Int4Linear)

@@ -57,6 +57,18 @@ def test_compiled_equals_eager(tiny_llama_dir, quant, monkeypatch):
     assert again.generate(PROMPT, params).token_ids == eager.token_ids
     assert path.stat().st_mtime_ns == stamp
 
+    # with gptchat's kernel the package holds code only and reads the model's own tensors: another model
+    # of the same shape (a fine-tune) reuses it, with its own weights
+    if compiled.weights_outside():
+        tuned = gptchat.load_model(tiny_llama_dir[0], quant=quant)
+        with torch.no_grad():
+            tuned.model.norm.weight.mul_(torch.linspace(0.2, 3.0, tuned.model.norm.weight.numel()))
+        assert compiled.package_path(tuned.model) == path
+        tuned_eager = Engine(tuned).generate(PROMPT, params).token_ids
+        assert tuned_eager != eager.token_ids  # the change matters...
+        assert Engine(tuned, compile=True).generate(PROMPT, params).token_ids == tuned_eager  # ...and is seen
+        assert path.stat().st_mtime_ns == stamp
+
 
 @pytest.mark.slow
 def test_cli_generate_compiles_once(tiny_llama_dir, tmp_path):

@@ -66,6 +66,20 @@ def test_kernel_matches_dequantized_matmul(ops, kind, N, K):
             assert torch.equal(q(x), y)  # the layer's forward uses the kernel for these few rows
 
 
+@pytest.mark.parametrize("kind", ["int4", "int8 grouped", "int8 per row"])
+def test_dequantize_ops_equal_the_layers_dequantized_weights(ops, kind):
+    """Prompts (more than KERNEL_ROWS rows) multiply float32 weights converted by the kernel: bit for bit what
+    the layer's own tensor-op dequantization gives, and the layer's forward uses them."""
+    q = layer(kind, 40, 1536)
+    w = ops.int4_dequantize(q.weight, q.scale, q.offset) if kind == "int4" else ops.int8_dequantize(q.weight, q.scale)
+    assert torch.equal(w, q.dequantized())
+    x = torch.randn(quantize.KERNEL_ROWS + 8, 1536)
+    assert torch.equal(q(x), torch.nn.functional.linear(x, w))
+    if kind == "int4":
+        with pytest.raises(RuntimeError, match="int4: groups must be whole blocks of 32 columns"):
+            ops.int4_dequantize(q.weight, q.scale[:, :5], q.offset[:, :5])
+
+
 def test_bad_inputs_get_a_clear_error(ops):
     q = layer("int4", 32, 64)
     with pytest.raises(RuntimeError, match="x has 32 columns; the weight wants 64"):
@@ -94,7 +108,7 @@ def test_aten_fallback(ops, monkeypatch):
     assert (theirs - exact).abs().max() <= 2e-2 * exact.abs().max()
 
 
-def test_failed_build_falls_back_with_a_log(monkeypatch, caplog):
+def test_failed_build_falls_back_with_a_log(monkeypatch, caplog, tmp_path):
     from torch.utils import cpp_extension
 
     def no_compiler(**kwargs):
@@ -102,6 +116,22 @@ def test_failed_build_falls_back_with_a_log(monkeypatch, caplog):
 
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
     monkeypatch.setattr(kernels, "cpu_supported", lambda: True)
+    monkeypatch.setattr(kernels, "build_target", lambda: ("gptchat_quant_matmul_test", tmp_path))  # not built yet
     with caplog.at_level("WARNING", logger="gptchat.kernels"):
         assert kernels.build() is None
     assert "could not build quant_matmul.cpp" in caplog.text and "g++: command not found" in caplog.text
+
+
+def test_a_damaged_library_is_built_again(monkeypatch, caplog, tmp_path):
+    """A compiled library that no longer loads (a truncated file) is rebuilt, not a crash."""
+    from torch.utils import cpp_extension
+
+    (tmp_path / "gptchat_quant_matmul_test.so").write_bytes(b"not a library")
+    calls = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: calls.append(kwargs["name"]))
+    monkeypatch.setattr(kernels, "cpu_supported", lambda: True)
+    monkeypatch.setattr(kernels, "build_target", lambda: ("gptchat_quant_matmul_test", tmp_path))
+    with caplog.at_level("WARNING", logger="gptchat.kernels"):
+        kernels.build()
+    assert calls == ["gptchat_quant_matmul_test"] and "building it again" in caplog.text
+    assert not (tmp_path / "gptchat_quant_matmul_test.so").exists()  # removed, so the build really runs

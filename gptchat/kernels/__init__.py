@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("quant_matmul.cpp")
 BLOCK = 32  # columns per quantization block, on both sides of the dot products
+# -ffp-contract=off: a * b + c stays two roundings where the source says so (dequantization matches PyTorch's)
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off"]
 _loaded: list = []  # [] until the first try, then [the ops namespace, or None]
 _lock = threading.Lock()
 
@@ -37,10 +39,10 @@ def cpu_supported() -> bool:
 
 
 def build_target() -> tuple[str, Path]:
-    """(library name, build folder): cache/kernels/<hash of the source and the torch version>."""
+    """(library name, build folder): cache/kernels/<hash of the source, the flags and the torch version>."""
     from ..checkpoints import cache_root
 
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode()).hexdigest()[:16]
     return f"gptchat_quant_matmul_{key}", cache_root() / "kernels" / key
 
 
@@ -57,14 +59,23 @@ def build():
     if not cpu_supported():
         log.info("gptchat kernels: this CPU lacks AVX2/FMA; using PyTorch's quantized matmuls")
         return None
+    name, build_dir = build_target()
+    built = build_dir / f"{name}.so"
+    if built.is_file():  # compiled before: load it without importing the build machinery (setuptools, ~0.2 s)
+        try:
+            torch.ops.load_library(str(built))
+            register_fakes()
+            return torch.ops.gptchat
+        except OSError as e:  # a damaged file: build it again below (ninja would think it up to date)
+            log.warning("gptchat kernels: could not load %s (%s); building it again", built, e)
+            built.unlink(missing_ok=True)
     from torch.utils import cpp_extension
 
-    name, build_dir = build_target()
     try:
         find_ninja()
         build_dir.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(build_dir),
-                           extra_cflags=["-O3", "-mavx2", "-mfma"], is_python_module=False, verbose=False)
+                           extra_cflags=CFLAGS, is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, a failed build: PyTorch's kernels still work
         last_line = (str(e).strip().splitlines() or [""])[-1]
         log.warning("gptchat kernels: could not build %s (%s: %s); using PyTorch's quantized matmuls",
@@ -85,9 +96,17 @@ def register_fakes() -> None:
     def _(x, weight, scale):
         return x.new_empty(x.shape[0], weight.shape[0])
 
+    @torch.library.register_fake("gptchat::int4_dequantize")
+    def _(weight, scale, offset):
+        return scale.new_empty(weight.shape[0], 2 * weight.shape[1])
+
+    @torch.library.register_fake("gptchat::int8_dequantize")
+    def _(weight, scale):
+        return scale.new_empty(weight.shape)
+
 
 def ops():
-    """torch.ops.gptchat (int4_linear, int8_linear), or None: unsupported, failed to build, or GPTCHAT_KERNELS=aten."""
+    """torch.ops.gptchat (int4_linear, int8_linear, int4_dequantize, int8_dequantize), or None: unsupported, failed to build, or GPTCHAT_KERNELS=aten."""
     if os.environ.get("GPTCHAT_KERNELS") == "aten":
         return None
     if not _loaded:

@@ -1,4 +1,5 @@
-// Quantized matmuls for a few rows of activations (decoding), with AVX2 integer dot products.
+// Quantized matmuls for a few rows of activations (decoding), with AVX2 integer dot products; and
+// dequantization to float32 for many rows (prompts), at the end.
 //
 // As llama.cpp does, each row of x is quantized per block of 32 columns with a float scale, x ~= qx * dx,
 // and each weight block is multiplied with it in integers (_mm256_maddubs_epi16):
@@ -196,14 +197,76 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight_in, const a
   return quantized_matmul<false>(x, w, weight.size(0));
 }
 
+// ---- dequantization, for prompts ----
+// With many rows of x a float32 matmul (PyTorch's, near the CPU's peak) beats integer dot products done
+// row by row, so a layer's weights are converted to float32 first: here in one parallel pass over memory,
+// where the same done as a chain of tensor ops (unpack, convert, scale, offset) costs several times more.
+
+// q * s + m rounded twice (no FMA), as PyTorch computes it: the same float32 weights on both paths
+inline void int4_block_to_float(const uint8_t* q, float s, float m, float* o) {  // 16 bytes -> 32 floats
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  const __m128i mask = _mm_set1_epi8(15), lo = _mm_and_si128(b, mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+  const __m128i first = _mm_unpacklo_epi8(lo, hi), second = _mm_unpackhi_epi8(lo, hi);  // column order
+  const __m256 vs = _mm256_set1_ps(s), vm = _mm256_set1_ps(m);
+  const __m128i parts[4] = {first, _mm_srli_si128(first, 8), second, _mm_srli_si128(second, 8)};
+  for (int i = 0; i < 4; ++i)
+    _mm256_storeu_ps(o + 8 * i, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i])), vs), vm));
+}
+
+at::Tensor int4_dequantize(const at::Tensor& weight_in, const at::Tensor& scale_in, const at::Tensor& offset_in) {
+  const at::Tensor weight = weight_in.contiguous(), scale = scale_in.contiguous(), offset = offset_in.contiguous();
+  TORCH_CHECK(weight.scalar_type() == at::kByte && weight.dim() == 2 && scale.scalar_type() == at::kFloat &&
+              scale.dim() == 2 && scale.size(0) == weight.size(0) && offset.sizes() == scale.sizes() &&
+              offset.scalar_type() == at::kFloat, "int4: uint8 [N, K/2], scale and offset float32 [N, groups]");
+  const int64_t N = weight.size(0), K = 2 * weight.size(1), G = scale.size(1);
+  TORCH_CHECK(G > 0 && K % G == 0 && (K / G) % BLOCK == 0, "int4: groups must be whole blocks of 32 columns");
+  const int64_t group = K / G;
+  at::Tensor out = at::empty({N, K}, scale.options());
+  const uint8_t* q = weight.data_ptr<uint8_t>();
+  const float *s = scale.data_ptr<float>(), *m = offset.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / K), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t k = 0; k < K; k += BLOCK)
+        int4_block_to_float(q + (n * K + k) / 2, s[n * G + k / group], m[n * G + k / group], o + n * K + k);
+  });
+  return out;
+}
+
+at::Tensor int8_dequantize(const at::Tensor& weight_in, const at::Tensor& scale_in) {
+  const at::Tensor weight = weight_in.contiguous(), scale = scale_in.contiguous();
+  TORCH_CHECK(weight.scalar_type() == at::kChar && weight.dim() == 2 && scale.scalar_type() == at::kFloat &&
+              scale.dim() == 2 && scale.size(0) == weight.size(0), "int8: int8 [N, K], scale float32 [N, groups]");
+  const int64_t N = weight.size(0), K = weight.size(1), G = scale.size(1);
+  TORCH_CHECK(G > 0 && K % G == 0 && (K / G) % 8 == 0, "int8: groups must be whole multiples of 8 columns");
+  const int64_t group = K / G;
+  at::Tensor out = at::empty({N, K}, scale.options());
+  const int8_t* q = weight.data_ptr<int8_t>();
+  const float* s = scale.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / K), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t k = 0; k < K; k += 8) {
+        const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + n * K + k));
+        const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+        _mm256_storeu_ps(o + n * K + k, _mm256_mul_ps(v, _mm256_set1_ps(s[n * G + k / group])));
+      }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(gptchat, m) {
   m.def("int4_linear(Tensor x, Tensor weight, Tensor scale, Tensor offset) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
+  m.def("int4_dequantize(Tensor weight, Tensor scale, Tensor offset) -> Tensor");
+  m.def("int8_dequantize(Tensor weight, Tensor scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gptchat, CPU, m) {
   m.impl("int4_linear", &int4_linear);
   m.impl("int8_linear", &int8_linear);
+  m.impl("int4_dequantize", &int4_dequantize);
+  m.impl("int8_dequantize", &int8_dequantize);
 }
