@@ -27,8 +27,10 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("quant_matmul.cpp")
 BLOCK = 32  # columns per quantization block, on both sides of the dot products
-# -ffp-contract=off: a * b + c stays two roundings where the source says so (dequantization matches PyTorch's)
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off"]
+# -ffp-contract=off: a * b + c stays two roundings where the source says so (dequantization matches PyTorch's).
+# -fopenmp: at::parallel_for is inline OpenMP in ATen's headers; without the flag the pragma is dropped and
+# the kernel runs on one thread. The OpenMP runtime is the libgomp.so.1 torch has already loaded.
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"]
 _loaded: list = []  # [] until the first try, then [the ops namespace, or None]
 _lock = threading.Lock()
 
@@ -75,7 +77,7 @@ def build():
         find_ninja()
         build_dir.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(build_dir),
-                           extra_cflags=CFLAGS, is_python_module=False, verbose=False)
+                           extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, a failed build: PyTorch's kernels still work
         last_line = (str(e).strip().splitlines() or [""])[-1]
         log.warning("gptchat kernels: could not build %s (%s: %s); using PyTorch's quantized matmuls",
