@@ -7,8 +7,7 @@ same machine in the same run, with the same number of torch threads:
     gptchat, quant=none  (float32 weights, dequantized from the GGUF)
     gptchat, quant=int8  (weight-only int8 Linears, a scale per group of 32)
     gptchat, quant=int4  (weight-only int4: the GGUF's own Q4_1 blocks; its Q8_0 embedding/head stays int8)
-    gptchat, MODE+compile (the decode step compiled ahead of time, as chat/generate do by default; building
-                          the package for the bench's fresh cache is part of the warm-up)
+    gptchat, MODE+compile (the decode step compiled ahead of time, as chat/generate do by default)
     transformers float32 (AutoModelForCausalLM.from_pretrained(dir, gguf_file=..., dtype=torch.float32))
     llama.cpp            (llama-cpp-python, only if importable; batch 8 is not measured there)
 
@@ -27,8 +26,12 @@ Figures (medians over --repeats):
                    (so sampling between steps counts; prefill does not). Greedy, forced to run every step:
                    gptchat via SamplingParams(temperature=0, logit_bias={eos: -100 for each eos id}),
                    transformers via min_new_tokens=max_new_tokens.
+    first gen.     wall time of a first 8-token generation after load: in a user's first run (gptchat: its
+                   own subprocess on the fresh cache, so the one-time builds of the kernel and the compiled
+                   step are in it) and in later runs (the benchmark subprocess, which finds them cached).
     peak RSS       resource.getrusage(RUSAGE_SELF).ru_maxrss of the engine's own fresh subprocess after
-                   load + one generation (and, for gptchat, of the first-load subprocess: conversion).
+                   load + one generation (for gptchat a later run: no compiler in the process), and of
+                   gptchat's first-load subprocess (conversion).
 
 Each engine runs in its own subprocess (this script re-invokes itself with --_child), so load times and
 RSS are not polluted by other engines. Progress goes to stderr; the Markdown table to stdout.
@@ -104,7 +107,8 @@ ROWS = [  # key, label, unit, better
     ("decode_short_tps", "decode batch 1, {S}-token prompt", "tok/s", "higher"),
     ("decode_long_tps", "decode batch 1, {P}-token prompt", "tok/s", "higher"),
     ("decode_batch_tps", "decode batch {B} aggregate, short prompts", "tok/s", "higher"),
-    ("warmup_s", "first generation, 8 tokens (compile included)", "s", "lower"),
+    ("warmup_s", "first generation, 8 tokens, first run (builds included)", "s", "lower"),
+    ("warmup_cached_s", "first generation, 8 tokens, later runs", "s", "lower"),
     ("rss_gen_mib", "peak RSS after load + generation", "MiB", "lower"),
     ("rss_end_mib", "peak RSS after the whole benchmark", "MiB", "lower"),
     ("rss_cold_mib", "peak RSS of the first load (conversion)", "MiB", "lower"),
@@ -356,6 +360,18 @@ def child_load(spec: dict) -> dict:
     return {"load_s": load_s, "rss_mib": peak_rss_mib(), "meta": meta}
 
 
+def child_first_run(spec: dict) -> dict:
+    """Load and generate 8 tokens, as a user's first run does: gptchat's one-time builds (kernel, compiled
+    step) happen here, so the benchmark child after it measures a process that finds them cached."""
+    child_setup(spec)
+    adapter = ADAPTERS[spec["engine"]](spec)
+    adapter.prepare()
+    adapter.load()
+    t = time.perf_counter()
+    adapter.generate(adapter.encode(SHORT_PROMPT), 8)
+    return {"warmup_s": time.perf_counter() - t}
+
+
 def fit_prompt(adapter: Adapter, target: int) -> list[int]:
     text = LONG_TEXT
     ids = adapter.encode(text)
@@ -470,7 +486,8 @@ def child_main(spec_json: str, out_path: str) -> int:
     spec = json.loads(spec_json)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     kind = spec["kind"]
-    result = {"load": child_load, "bench": child_bench, "profile": child_profile}[kind](spec)
+    result = {"load": child_load, "first_run": child_first_run, "bench": child_bench,
+              "profile": child_profile}[kind](spec)
     Path(out_path).write_text(json.dumps(result))
     return 0
 
@@ -538,6 +555,13 @@ def bench_engine(engine: str, quant: str | None, args, base: dict, tmp_root: Pat
         if cache is None:
             return entry
         env = {"GPTCHAT_CACHE": str(cache)}
+        log(f"[{tag}] first run: load and generate 8 tokens (one-time builds included)")
+        res = run_child({**spec, "kind": "first_run"}, env, args.child_timeout)
+        if res is None:
+            entry["errors"].append("first run failed")
+            return entry
+        samples["warmup_s"] = [res["warmup_s"]]
+        log(f"[{tag}] first run's generation: {res['warmup_s']:.1f} s")
     # load-only children; the bench child's own load is one more sample
     for r in range(args.repeats - 1):
         log(f"[{tag}] {r + 1}/{args.repeats - 1} load-only subprocess")
@@ -558,7 +582,8 @@ def bench_engine(engine: str, quant: str | None, args, base: dict, tmp_root: Pat
         samples["load_cached_s"] = list(samples["load_cold_s"])
     samples.update(res["samples"])
     samples["rss_gen_mib"] = [res["rss_gen_mib"]]
-    samples["warmup_s"] = [res["warmup_s"]]
+    samples["warmup_cached_s"] = [res["warmup_s"]]
+    samples.setdefault("warmup_s", [res["warmup_s"]])  # engines without builds: their first run is this one
     samples["rss_end_mib"] = [res["rss_end_mib"]]
     entry["prompt_lengths"] = res["prompt_lengths"]
     entry["tokens"] = res["tokens"]
@@ -592,18 +617,20 @@ def make_table(results: dict, columns: list[str], args) -> str:
     lengths = next((e["prompt_lengths"] for e in engines.values() if e.get("prompt_lengths")), None)
     P = lengths["long"] if lengths else args.prompt_tokens
     S = lengths["short"] if lengths else "~20"
-    ratio_cols = [c for c in columns if c.startswith("gptchat")] if ref_key in engines else []
+    ours = [c for c in columns if c.startswith("gptchat")]
+    refs = [r for r in (ref_key, "llama.cpp") if r in engines]
     header = ["figure", "unit", "better"] + [engines[c]["tag"] for c in columns]
-    header += [f"{engines[c]['tag'].split()[-1]} / transformers" for c in ratio_cols]
+    header += [f"{engines[c]['tag'].split()[-1]} / {r}" for r in refs for c in ours]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
     for key, label, unit, better in ROWS:
         values = {c: engines[c]["figures"].get(key) for c in columns}
         if all(v is None for v in values.values()):
             continue
         row = [label.format(P=P, S=S, B=args.batch), unit, better] + [fmt(values[c]) for c in columns]
-        ref = engines.get(ref_key, {}).get("figures", {}).get(key)
-        for c in ratio_cols:
-            row.append(fmt(values[c] / ref, "ratio") if values[c] is not None and ref else "—")
+        for r in refs:
+            ref = engines[r].get("figures", {}).get(key)
+            for c in ours:
+                row.append(fmt(values[c] / ref, "ratio") if values[c] is not None and ref else "—")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -690,7 +717,8 @@ def parent_main(args) -> int:
     print()
     print(table)
     print()
-    print("Ratios are gptchat / transformers: above 1 is better for tok/s, below 1 is better for s, ms and MiB.")
+    print("Ratios are gptchat / transformers (and / llama.cpp): above 1 is better for tok/s, below 1 is better "
+          "for s, ms and MiB.")
     print("transformers (and llama.cpp) have no conversion cache: each load reads the GGUF, so their two load "
           "rows are the same figure. RSS rows are single samples (one subprocess each); the first-load RSS row "
           "is the median over the first-load subprocesses.")
