@@ -182,7 +182,11 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)
         gqa = self.n_kv_head != self.n_head
-        if mask is None:  # no padding and the queries are the last T of the keys
+        ops = decode_attention_ops(q, self.n_head // self.n_kv_head) if T == 1 and mask is None else None
+        if ops is not None:  # one new token per row over its cache: gptchat's kernel (see there)
+            scores = ops.gqa_scores(q[:, :, 0] * self.head_dim**-0.5, k)
+            y = ops.gqa_mix(scores.softmax(dim=-1), v)[:, :, None]
+        elif mask is None:  # no padding and the queries are the last T of the keys
             causal = T > 1
             if causal and k.shape[2] != T:  # continuing a cache: queries sit at the end of the keys
                 mask = causal_mask(T, k.shape[2], x.device)
@@ -191,6 +195,17 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+def decode_attention_ops(q: torch.Tensor, group: int):
+    """gptchat's kernel ops for one query per row over a cache (gqa_scores, gqa_mix), where this process has
+    loaded them (quantized models do, on their first matmul) and they apply: float32 on the CPU, head size a
+    multiple of 8, at most 8 query heads per key/value head. Else None: PyTorch's attention."""
+    if q.device.type != "cpu" or q.dtype != torch.float32 or q.shape[-1] % 8 or group > 8:
+        return None
+    from . import kernels
+
+    return kernels.loaded()
 
 
 def fuse_projections(state: dict, n_layer: int) -> dict:

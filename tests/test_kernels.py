@@ -135,3 +135,48 @@ def test_a_damaged_library_is_built_again(monkeypatch, caplog, tmp_path):
         kernels.build()
     assert calls == ["gptchat_quant_matmul_test"] and "building it again" in caplog.text
     assert not (tmp_path / "gptchat_quant_matmul_test.so").exists()  # removed, so the build really runs
+
+
+@pytest.mark.parametrize("head_dim", [64, 16])  # 32 columns per task, or 8
+@pytest.mark.parametrize("group", [1, 3, 8])
+@pytest.mark.parametrize("keys", [1, 7, 300])
+def test_decode_attention_ops_equal_sdpa(ops, group, keys, head_dim):
+    """One query per row over a cache (views of a larger capacity, as the KV cache hands them out): gqa_scores,
+    softmax and gqa_mix give PyTorch's scaled_dot_product_attention with enable_gqa."""
+    B, kv_heads, D, capacity = 2, 2, head_dim, 512
+    g = torch.Generator().manual_seed(keys * group)
+    cache_k, cache_v = torch.randn(2, B, kv_heads, capacity, D, generator=g)
+    k, v = cache_k[:, :, :keys], cache_v[:, :, :keys]
+    q = torch.randn(B, kv_heads * group, 1, D, generator=g)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=group > 1)
+    scores = ops.gqa_scores(q[:, :, 0] * D**-0.5, k)
+    assert scores.shape == (B, kv_heads * group, keys)
+    y = ops.gqa_mix(scores.softmax(-1), v)
+    assert (y[:, :, None] - expected).abs().max() < 1e-5
+
+
+def test_decode_attention_in_the_model(ops, tiny_llama_dir):
+    """A quantized model decodes one token with the ops (its kernel is loaded), and gives PyTorch's attention's
+    logits."""
+    import gptchat
+    from gptchat.model import KVCache, decode_attention_ops
+
+    lm = gptchat.load_model(tiny_llama_dir[0], quant="int8")
+    assert decode_attention_ops(torch.zeros(1, 4, 1, lm.config.head_dim), 2) is ops
+    logits = {}
+    for name, kernels_env in (("ours", None), ("pytorch", "aten")):
+        with pytest.MonkeyPatch.context() as mp:
+            if kernels_env:
+                mp.setattr(kernels, "loaded", lambda: None)
+            cache = KVCache(lm.config, 1, 32)
+            with torch.inference_mode():
+                lm.model(torch.tensor([[5, 6, 7, 8, 9]]), cache=cache)
+                logits[name] = lm.model(torch.tensor([[10]]), cache=cache)[0, -1]
+    assert (logits["ours"] - logits["pytorch"]).abs().max() < 1e-4 * logits["pytorch"].abs().max()
+
+
+def test_decode_attention_bad_shapes(ops):
+    with pytest.raises(RuntimeError, match="H / Hkv <= 8"):
+        ops.gqa_scores(torch.randn(1, 18, 64), torch.randn(1, 2, 5, 64))
+    with pytest.raises(RuntimeError, match="head sizes differ"):
+        ops.gqa_scores(torch.randn(1, 4, 64), torch.randn(1, 2, 5, 32))

@@ -106,9 +106,17 @@ def register_fakes() -> None:
     def _(weight, scale):
         return scale.new_empty(weight.shape)
 
+    @torch.library.register_fake("gptchat::gqa_scores")
+    def _(q, k):
+        return q.new_empty(q.shape[0], q.shape[1], k.shape[2])
+
+    @torch.library.register_fake("gptchat::gqa_mix")
+    def _(p, v):
+        return p.new_empty(p.shape[0], p.shape[1], v.shape[3])
+
 
 def ops():
-    """torch.ops.gptchat (int4_linear, int8_linear, int4_dequantize, int8_dequantize), or None: unsupported, failed to build, or GPTCHAT_KERNELS=aten."""
+    """torch.ops.gptchat (int4_linear, int8_linear, int4_dequantize, int8_dequantize, gqa_scores, gqa_mix), or None: unsupported, failed to build, or GPTCHAT_KERNELS=aten."""
     if os.environ.get("GPTCHAT_KERNELS") == "aten":
         return None
     if not _loaded:
@@ -116,6 +124,13 @@ def ops():
             if not _loaded:
                 _loaded.append(build())
     return _loaded[0]
+
+
+def loaded():
+    """The ops if this process has already loaded them, else None (never starts a build)."""
+    if os.environ.get("GPTCHAT_KERNELS") == "aten":
+        return None
+    return _loaded[0] if _loaded else None
 
 
 def build_pending() -> bool:

@@ -1,5 +1,5 @@
-// Quantized matmuls for a few rows of activations (decoding), with AVX2 integer dot products; and
-// dequantization to float32 for many rows (prompts), at the end.
+// Quantized matmuls for a few rows of activations (decoding), with AVX2 integer dot products; dequantization
+// to float32 for many rows (prompts); and the attention of one decoded token over its cache, at the end.
 //
 // As llama.cpp does, each row of x is quantized per block of 32 columns with a float scale, x ~= qx * dx,
 // and each weight block is multiplied with it in integers (_mm256_maddubs_epi16):
@@ -255,6 +255,117 @@ at::Tensor int8_dequantize(const at::Tensor& weight_in, const at::Tensor& scale_
   return out;
 }
 
+// ---- attention of one new token per row over its cache (decoding) ----
+// Each group of G = H / Hkv query heads shares one key/value head. PyTorch runs this as small matmuls (G query
+// rows against up to thousands of keys), and a compiled step as single-threaded loops; here each key and value
+// row is read once for all G queries, and the keys (or value columns) are spread over the threads.
+
+constexpr int64_t SMALL_CACHE = 256;  // fewer keys than this (all rows together): one thread, no wake-up cost
+
+void check_attention(const at::Tensor& a, const at::Tensor& kv, const char* what) {
+  TORCH_CHECK(a.dim() == 3 && kv.dim() == 4 && a.scalar_type() == at::kFloat && kv.scalar_type() == at::kFloat &&
+              a.size(0) == kv.size(0) && kv.size(1) > 0 && a.size(1) % kv.size(1) == 0 && a.size(1) / kv.size(1) <= 8 &&
+              kv.stride(3) == 1, what, ": float32 [B, H, *] and [B, Hkv, S, D], H / Hkv <= 8, D contiguous");
+}
+
+// scores[b, kh * G + g, s] = q[b, kh * G + g] . k[b, kh, s] for keys s0 <= s < s1
+template <int G>
+void scores_of(const float* q, const float* k, int64_t k_row, int64_t D, int64_t s0, int64_t s1, float* out, int64_t S) {
+  for (int64_t s = s0; s < s1; ++s) {
+    const float* kr = k + s * k_row;
+    __m256 acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 kv = _mm256_loadu_ps(kr + d);
+      for (int g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + d), kv, acc[g]);
+    }
+    for (int g = 0; g < G; ++g) out[g * S + s] = hsum(acc[g]);
+  }
+}
+
+// out[b, kh * G + g, d0 : d0 + 8 NV] = sum over s of p[b, kh * G + g, s] v[b, kh, s, d0 : d0 + 8 NV]
+template <int G, int NV>
+void mix_of(const float* p, const float* v, int64_t v_row, int64_t S, float* out, int64_t D) {
+  __m256 acc[G][NV];
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < NV; ++j) acc[g][j] = _mm256_setzero_ps();
+  for (int64_t s = 0; s < S; ++s) {
+    const float* vr = v + s * v_row;
+    __m256 vs[NV];
+    for (int j = 0; j < NV; ++j) vs[j] = _mm256_loadu_ps(vr + 8 * j);
+    for (int g = 0; g < G; ++g) {
+      const __m256 w = _mm256_set1_ps(p[g * S + s]);
+      for (int j = 0; j < NV; ++j) acc[g][j] = _mm256_fmadd_ps(w, vs[j], acc[g][j]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < NV; ++j) _mm256_storeu_ps(out + g * D + 8 * j, acc[g][j]);
+}
+
+template <template <int> class F, typename... Args>
+void with_group(int64_t G, Args... args) {  // F<G>::run for G in 1..8, a compile-time constant
+  switch (G) {
+    case 1: F<1>::run(args...); break;
+    case 2: F<2>::run(args...); break;
+    case 3: F<3>::run(args...); break;
+    case 4: F<4>::run(args...); break;
+    case 5: F<5>::run(args...); break;
+    case 6: F<6>::run(args...); break;
+    case 7: F<7>::run(args...); break;
+    default: F<8>::run(args...); break;
+  }
+}
+template <int G> struct Scores { template <typename... A> static void run(A... a) { scores_of<G>(a...); } };
+template <int G> struct Mix { template <typename... A> static void run(A... a) { mix_of<G, 4>(a...); } };
+template <int G> struct NarrowMix { template <typename... A> static void run(A... a) { mix_of<G, 1>(a...); } };
+
+// q [B, H, D] . k [B, Hkv, S, D] -> scores [B, H, S]
+at::Tensor gqa_scores(const at::Tensor& q_in, const at::Tensor& k) {
+  const at::Tensor q = q_in.contiguous();
+  check_attention(q, k, "gqa_scores");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1), S = k.size(2), G = H / Hkv;
+  TORCH_CHECK(k.size(3) == D && D % 8 == 0, "gqa_scores: q and k head sizes differ, or are not a multiple of 8");
+  at::Tensor out = at::empty({B, H, S}, q.options());
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  constexpr int64_t CHUNK = 128;  // keys per task
+  const int64_t chunks = (S + CHUNK - 1) / CHUNK;
+  const int64_t tasks = B * Hkv * chunks;
+  at::parallel_for(0, tasks, B * S < SMALL_CACHE ? tasks : 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / (Hkv * chunks), kh = t / chunks % Hkv, s0 = t % chunks * CHUNK;
+      with_group<Scores>(G, qp + (b * H + kh * G) * D, kp + b * k.stride(0) + kh * k.stride(1), k.stride(2), D, s0,
+                         std::min(S, s0 + CHUNK), o + (b * H + kh * G) * S, S);
+    }
+  });
+  return out;
+}
+
+// p [B, H, S] @ v [B, Hkv, S, D] -> [B, H, D], 32 columns (else 8) per task
+at::Tensor gqa_mix(const at::Tensor& p_in, const at::Tensor& v) {
+  const at::Tensor p = p_in.contiguous();
+  check_attention(p, v, "gqa_mix");
+  const int64_t B = p.size(0), H = p.size(1), S = p.size(2), Hkv = v.size(1), D = v.size(3), G = H / Hkv;
+  TORCH_CHECK(v.size(2) == S && D % 8 == 0, "gqa_mix: p and v key counts differ, or the head size is not a multiple of 8");
+  at::Tensor out = at::empty({B, H, D}, p.options());
+  const float *pp = p.data_ptr<float>(), *vp = v.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const int64_t width = D % 32 == 0 ? 32 : 8, parts = D / width;  // columns per task
+  const int64_t tasks = B * Hkv * parts;
+  at::parallel_for(0, tasks, B * S < SMALL_CACHE ? tasks : 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / (Hkv * parts), kh = t / parts % Hkv, d0 = t % parts * width;
+      const float *pt = pp + (b * H + kh * G) * S, *vt = vp + b * v.stride(0) + kh * v.stride(1) + d0;
+      float* ot = o + (b * H + kh * G) * D + d0;
+      if (width == 32)
+        with_group<Mix>(G, pt, vt, v.stride(2), S, ot, D);
+      else
+        with_group<NarrowMix>(G, pt, vt, v.stride(2), S, ot, D);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(gptchat, m) {
@@ -262,6 +373,8 @@ TORCH_LIBRARY(gptchat, m) {
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
   m.def("int4_dequantize(Tensor weight, Tensor scale, Tensor offset) -> Tensor");
   m.def("int8_dequantize(Tensor weight, Tensor scale) -> Tensor");
+  m.def("gqa_scores(Tensor q, Tensor k) -> Tensor");
+  m.def("gqa_mix(Tensor p, Tensor v) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gptchat, CPU, m) {
@@ -269,4 +382,6 @@ TORCH_LIBRARY_IMPL(gptchat, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("int4_dequantize", &int4_dequantize);
   m.impl("int8_dequantize", &int8_dequantize);
+  m.impl("gqa_scores", &gqa_scores);
+  m.impl("gqa_mix", &gqa_mix);
 }
