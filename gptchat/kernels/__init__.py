@@ -62,29 +62,35 @@ def build():
         log.info("gptchat kernels: this CPU lacks AVX2/FMA; using PyTorch's quantized matmuls")
         return None
     name, build_dir = build_target()
-    built = build_dir / f"{name}.so"
-    if built.is_file():  # compiled before: load it without importing the build machinery (setuptools, ~0.2 s)
-        try:
-            torch.ops.load_library(str(built))
-            register_fakes()
-            return torch.ops.gptchat
-        except OSError as e:  # a damaged file: build it again below (ninja would think it up to date)
-            log.warning("gptchat kernels: could not load %s (%s); building it again", built, e)
-            built.unlink(missing_ok=True)
-    from torch.utils import cpp_extension
+    if not load_built(build_dir / f"{name}.so"):
+        from torch.utils import cpp_extension
 
-    try:
-        find_ninja()
-        build_dir.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(build_dir),
-                           extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
-    except Exception as e:  # no compiler, no ninja, a failed build: PyTorch's kernels still work
-        last_line = (str(e).strip().splitlines() or [""])[-1]
-        log.warning("gptchat kernels: could not build %s (%s: %s); using PyTorch's quantized matmuls",
-                    SOURCE.name, type(e).__name__, last_line)
-        return None
+        try:
+            find_ninja()
+            build_dir.mkdir(parents=True, exist_ok=True)
+            cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(build_dir),
+                               extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        except Exception as e:  # no compiler, no ninja, a failed build: PyTorch's kernels still work
+            last_line = (str(e).strip().splitlines() or [""])[-1]
+            log.warning("gptchat kernels: could not build %s (%s: %s); using PyTorch's quantized matmuls",
+                        SOURCE.name, type(e).__name__, last_line)
+            return None
     register_fakes()
     return torch.ops.gptchat
+
+
+def load_built(library: Path) -> bool:
+    """Load a library compiled before, without importing the build machinery (setuptools, ~0.2 s). False if
+    there is none, or it is damaged (then it is removed: ninja would think it up to date and not rebuild it)."""
+    if not library.is_file():
+        return False
+    try:
+        torch.ops.load_library(str(library))
+        return True
+    except OSError as e:
+        log.warning("gptchat kernels: could not load %s (%s); building it again", library, e)
+        library.unlink(missing_ok=True)
+        return False
 
 
 def register_fakes() -> None:
@@ -115,9 +121,14 @@ def register_fakes() -> None:
         return p.new_empty(p.shape[0], p.shape[1], v.shape[3])
 
 
+def disabled() -> bool:
+    """GPTCHAT_KERNELS=aten: PyTorch's kernels only (for A/B runs)."""
+    return os.environ.get("GPTCHAT_KERNELS") == "aten"
+
+
 def ops():
     """torch.ops.gptchat (int4_linear, int8_linear, int4_dequantize, int8_dequantize, gqa_scores, gqa_mix), or None: unsupported, failed to build, or GPTCHAT_KERNELS=aten."""
-    if os.environ.get("GPTCHAT_KERNELS") == "aten":
+    if disabled():
         return None
     if not _loaded:
         with _lock:  # one build, even when the first calls come from several threads
@@ -128,14 +139,14 @@ def ops():
 
 def loaded():
     """The ops if this process has already loaded them, else None (never starts a build)."""
-    if os.environ.get("GPTCHAT_KERNELS") == "aten":
+    if disabled():
         return None
     return _loaded[0] if _loaded else None
 
 
 def build_pending() -> bool:
     """Whether the first ops() call will compile the kernel (the CLI says so before that pause)."""
-    if _loaded or os.environ.get("GPTCHAT_KERNELS") == "aten" or not cpu_supported():
+    if _loaded or disabled() or not cpu_supported():
         return False
     name, build_dir = build_target()
     return not (build_dir / f"{name}.so").exists()
