@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
+
 ARCHS = ("gpt2", "llama")
 
 
@@ -203,8 +205,6 @@ def decode_attention_ops(q: torch.Tensor, group: int):
     multiple of 8, at most 8 query heads per key/value head. Else None: PyTorch's attention."""
     if q.device.type != "cpu" or q.dtype != torch.float32 or q.shape[-1] % 8 or group > 8:
         return None
-    from . import kernels
-
     return kernels.loaded()
 
 
