@@ -31,7 +31,7 @@ from .errors import InvalidParameterError
 QUANT_MODES = ("none", "int8", "int4")
 GROUP_SIZE = 32  # int4 columns sharing a scale and an offset (llama.cpp's Q4_0/Q4_1 blocks are 32 too)
 SMALL_BATCH = 16  # at most this many rows go through PyTorch's weight-only kernels; more are dequantized
-KERNEL_ROWS = 32  # gptchat's kernel (gptchat/kernels) beats dequantize + matmul up to ~40 rows here
+KERNEL_ROWS = 32  # gptchat's kernel (gptchat/kernels) beats dequantize + matmul up to this many rows
 PACK_ROWS = 4096  # rows converted to the int4 kernel layout at a time (bounds the int32 temporary)
 
 
@@ -103,16 +103,11 @@ def few_rows(x: torch.Tensor, in_features: int) -> bool:
     return x.numel() // in_features <= SMALL_BATCH and x.device.type == "cpu"
 
 
-def own_kernel_rows(rows: int, int4: bool) -> bool:
-    """Whether gptchat's kernel multiplies this many rows: up to KERNEL_ROWS, except 2-16 rows of an int4 layer,
-    where PyTorch's int4 kernel was faster here with 2 threads (it converts each weight once for all rows; ours
-    multiplies every row in integers). Decoding one sequence (1 row) and short prompts (17-32) take ours."""
-    return rows <= KERNEL_ROWS and not (int4 and 1 < rows <= SMALL_BATCH and int4_kernel_available())
-
-
-def own_kernel_for(x: torch.Tensor, in_features: int, int4: bool):
-    """gptchat's kernel ops if they should multiply x (on the CPU, rows as own_kernel_rows says), else None."""
-    if x.device.type != "cpu" or not own_kernel_rows(x.numel() // in_features, int4):
+def own_kernel_for(x: torch.Tensor, in_features: int):
+    """gptchat's kernel ops if they should multiply x, else None: on the CPU, up to KERNEL_ROWS rows (decoding,
+    batches, short prompts). There it beat PyTorch's int4 kernel at every row count from 1 to 16 (1.4-1.6x with
+    2 threads), and dequantize + float32 matmul below ~64 rows."""
+    if x.device.type != "cpu" or x.numel() // in_features > KERNEL_ROWS:
         return None
     return kernels.ops()
 
@@ -185,7 +180,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         per_row = self.scale.shape[1] == 1
-        ops = own_kernel_for(x, self.in_features, int4=False)
+        ops = own_kernel_for(x, self.in_features)
         if ops is not None and self.in_features % kernels.BLOCK == 0 and (per_row or self.group_size == kernels.BLOCK):
             y = ops.int8_linear(x.reshape(-1, self.in_features).float(), self.weight, self.scale)
             return rows_output(x, y, self.bias)
@@ -243,7 +238,7 @@ class Int4Linear(nn.Module):
         return self._kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ops = own_kernel_for(x, self.in_features, int4=True)
+        ops = own_kernel_for(x, self.in_features)
         if ops is not None and self.group_size == kernels.BLOCK:
             y = ops.int4_linear(x.reshape(-1, self.in_features).float(), self.weight, self.scale, self.offset)
             return rows_output(x, y, self.bias)

@@ -1,8 +1,8 @@
 """gptchat's AVX2 kernel for quantized matmuls with a few rows (gptchat/kernels) against the dequantized
 float32 matmul, and the fallback to PyTorch's kernels. (~30 s, most of it compiling the kernel once)
 
-The kernel quantizes each row of x per block of 32 columns to 14-bit integers (x ~= qx * dx, dx = max|x| /
-8191), so each x is off by at most dx / 2: |y - x @ w.T| <= sum over columns of |w| * dx / 2 bounds the error. The
+The kernel quantizes each row of x per block of 32 columns to 16-bit integers (x ~= qx * dx, dx = max|x| /
+32767), so each x is off by at most dx / 2: |y - x @ w.T| <= sum over columns of |w| * dx / 2 bounds the error. The
 kernel's result is exactly the dequantized w times the quantized x: with x quantized in Python, the two
 must match to float rounding.
 """
@@ -38,11 +38,11 @@ def layer(kind, N, K):
 
 
 def quantized_x(x):
-    """x as the kernel sees it (per block of 32: round(x * 8191 / max|x|) * max|x| / 8191), and dx / 2."""
+    """x as the kernel sees it (per block of 32: round(x * 32767 / max|x|) * max|x| / 32767), and dx / 2."""
     blocks = x.view(x.shape[0], -1, 32)
     amax = blocks.abs().amax(-1, keepdim=True)
-    q = torch.round(blocks * torch.where(amax > 0, 8191 / amax, 0))
-    return (q * (amax / 8191)).view_as(x), (amax / 16382).expand_as(blocks).reshape_as(x)
+    q = torch.round(blocks * torch.where(amax > 0, 32767 / amax, 0))
+    return (q * (amax / 32767)).view_as(x), (amax / 65534).expand_as(blocks).reshape_as(x)
 
 
 @pytest.mark.parametrize("kind", ["int4", "int8 grouped", "int8 per row"])
@@ -62,8 +62,7 @@ def test_kernel_matches_dequantized_matmul(ops, kind, N, K):
         rounding = 1e-5 * exact.abs().max()  # float32 sums in another order
         assert ((y - xq @ w.T).abs() <= rounding).all(), (kind, M)
         assert ((y - exact).abs() <= half_step @ w.abs().T + rounding).all(), (kind, M)
-        if quantize.own_kernel_rows(M, int4=kind == "int4"):
-            assert torch.equal(q(x), y)  # the layer's forward uses the kernel for these few rows
+        assert torch.equal(q(x), y)  # the layer's forward uses the kernel for these few rows
 
 
 @pytest.mark.parametrize("kind", ["int4", "int8 grouped", "int8 per row"])

@@ -4,7 +4,7 @@ The reference is the float32 model dequantized from the GGUF (the float model th
 from is not available). int4 from the GGUF runs the file's own 4-bit weights, so its divergence is only
 the activations' rounding in the decode kernels; int4 requantized from the float32 weights shows what
 int4 costs a float model. Measured on this repository's machine (mean KL in nats, perplexity ratio),
-with gptchat's kernel (14-bit activations): int8 0.0012 / 0.999, int4 from GGUF 0.000001 / 1.000, int4
+with gptchat's kernel (16-bit activations): int8 0.0012 / 0.999, int4 from GGUF < 1e-6 / 1.000, int4
 requantized 0.055 / 1.049; with PyTorch's (GPTCHAT_KERNELS=aten, bfloat16 activations): int8 0.0018 / 1.004,
 int4 from GGUF 0.0007 / 1.001, int4 requantized 0.057 / 1.052 (and its greedy answer to the Paris question
 goes wrong: one reason `auto` does not pick int4 for float weights).
