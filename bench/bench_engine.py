@@ -9,7 +9,7 @@ same machine in the same run, with the same number of torch threads:
     gptchat, quant=int4  (weight-only int4: the GGUF's own Q4_1 blocks; its Q8_0 embedding/head stays int8)
     gptchat, MODE+compile (the decode step compiled ahead of time, as chat/generate do by default)
     transformers float32 (AutoModelForCausalLM.from_pretrained(dir, gguf_file=..., dtype=torch.float32))
-    llama.cpp            (llama-cpp-python, only if importable; batch 8 is not measured there)
+    llama.cpp            (llama-cpp-python, only if importable; batch --batch through its low-level API)
 
 Figures (medians over --repeats):
 
@@ -21,11 +21,12 @@ Figures (medians over --repeats):
                    forward call(s) before the first token, i.e. time to the first logits); also the wall
                    time to the first token through the engine's generate API.
     decode         tok/s at batch 1 after a short (~20-token) prompt and after the long prompt, and the
-                   aggregate tok/s at batch --batch (different short prompts, left-padded): --decode-tokens
-                   decode steps, timed from the end of the prefill forward to the end of the last forward
-                   (so sampling between steps counts; prefill does not). Greedy, forced to run every step:
+                   aggregate tok/s at batch --batch (different short prompts: left-padded, or for llama.cpp
+                   a sequence id each, one llama_decode call per step): --decode-tokens decode steps, timed
+                   from the end of the prefill forward to the end of the last forward (so sampling between
+                   steps counts; prefill does not). Greedy, forced to run every step:
                    gptchat via SamplingParams(temperature=0, logit_bias={eos: -100 for each eos id}),
-                   transformers via min_new_tokens=max_new_tokens.
+                   transformers via min_new_tokens=max_new_tokens, llama.cpp with its eos logit at -inf.
     first gen.     wall time of a first 8-token generation after load: in a user's first run (gptchat: its
                    own subprocess on the fresh cache, so the one-time builds of the kernel and the compiled
                    step are in it) and in later runs (the benchmark subprocess, which finds them cached).
@@ -55,6 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -303,6 +305,8 @@ class LlamaCppAdapter(Adapter):
             n_threads_batch=self.spec["threads"], verbose=False,
         )
         self.eos_ids = sorted({self.llm.token_eos()})
+        self.n_vocab = self.llm.n_vocab()
+        self.batch_ctx = None  # (context, rows, tokens per row, its finalizer), made by the first batch run
         return {"llama_cpp": getattr(llama_cpp, "__version__", "?")}
 
     def encode(self, text):
@@ -313,23 +317,82 @@ class LlamaCppAdapter(Adapter):
         self.llm.eval(tokens)
         self._post()
 
-    def generate(self, ids, n):
+    def _greedy(self, ctx, i):
+        """Argmax of the logits of batch entry i (-1: the last), end-of-turn masked. Read from llama.cpp: since
+        0.3.x, Llama.eval fills `scores` only when the model was made with logits_all=True."""
+        import llama_cpp
         import numpy as np
 
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(self.n_vocab,)).copy()
+        logits[self.eos_ids] = -np.inf
+        return int(logits.argmax())
+
+    def generate(self, ids, n):
         self.llm.reset()
         self._eval(list(ids))
         out = []
         while True:
-            logits = np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32)
-            logits[self.eos_ids] = -np.inf
-            token = int(logits.argmax())
-            out.append(token)
+            out.append(self._greedy(self.llm.ctx, -1))
             if len(out) == n:
                 return out
-            self._eval([token])
+            self._eval([out[-1]])
+
+    def _batch_context(self, rows, per_row):
+        """A second context on the same weights, for `rows` sequences of up to `per_row` tokens each (Llama's
+        own context holds one sequence); otherwise Llama's settings, threads included. Kept between runs."""
+        import llama_cpp
+
+        if self.batch_ctx and rows <= self.batch_ctx[1] and per_row <= self.batch_ctx[2]:
+            return self.batch_ctx[0]
+        if self.batch_ctx:
+            self.batch_ctx[3]()
+        per_row = -(-per_row // 256) * 256  # each sequence gets n_ctx / n_seq_max cells, padded to 256
+        params = llama_cpp.llama_context_params.from_buffer_copy(self.llm.context_params)
+        params.n_seq_max = rows
+        params.n_ctx = params.n_batch = rows * per_row
+        ctx = llama_cpp.llama_init_from_model(self.llm.model, params)
+        if not ctx:
+            raise RuntimeError(f"llama.cpp could not create a context for {rows} sequences of {per_row} tokens")
+        self.batch_ctx = (ctx, rows, per_row, weakref.finalize(self, llama_cpp.llama_free, ctx))
+        return ctx
+
+    def _decode(self, ctx, batch, entries):
+        """One llama_decode call (one timed forward) over (token, position, sequence, wants logits) entries."""
+        import llama_cpp
+
+        for i, (token, pos, seq, logits) in enumerate(entries):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
+            batch.seq_id[i][0] = seq
+        batch.n_tokens = len(entries)
+        self._pre()
+        rc = llama_cpp.llama_decode(ctx, batch)
+        self._post()
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with return code {rc} ({len(entries)} tokens)")
 
     def generate_batch(self, prompts, n):
-        raise NotImplementedError("llama-cpp-python's Llama runs one sequence at a time")
+        """llama.cpp's own batching: each row a sequence of its own, one llama_decode call per step for all
+        rows (first every prompt's tokens, logits at each prompt's last one; then one token per row)."""
+        import llama_cpp
+
+        ctx = self._batch_context(len(prompts), max(map(len, prompts)) + n)
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        entries = [(t, pos, row, pos == len(p) - 1) for row, p in enumerate(prompts) for pos, t in enumerate(p)]
+        batch = llama_cpp.llama_batch_init(len(entries), 0, 1)
+        try:
+            self._decode(ctx, batch, entries)
+            last = [i for i, e in enumerate(entries) if e[3]]  # the batch entry holding each row's logits
+            out = [[] for _ in prompts]
+            while True:
+                for row, i in enumerate(last):
+                    out[row].append(self._greedy(ctx, i))
+                if len(out[0]) == n:
+                    return out
+                self._decode(ctx, batch, [(o[-1], len(p) + len(o) - 1, row, True)
+                                          for row, (p, o) in enumerate(zip(prompts, out))])
+                last = list(range(len(prompts)))
+        finally:
+            llama_cpp.llama_batch_free(batch)
 
 
 ADAPTERS = {"gptchat": GptchatAdapter, "transformers": TransformersAdapter, "llama.cpp": LlamaCppAdapter}
