@@ -53,7 +53,8 @@ def add_model_flags(p: argparse.ArgumentParser, model_help: str | None = None, q
 
 def add_compile_flag(p: argparse.ArgumentParser):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode through the model's compiled decode step: the first run for a model compiles it "
+                   help="decode through the model's compiled decode step (serve: also the batched one, with "
+                   "--max-concurrency above 1): the first run for a model compiles it "
                    "(a minute or more) and caches it, later runs load it in about a second; falls back to eager "
                    "decoding if compiling fails (default: on for int8/int4 weights, off for --quant none, which "
                    "stays the exact eager path; GPTCHAT_COMPILE=0 turns the default off)")

@@ -21,8 +21,11 @@ depends on: the architecture and weight layout (and, when embedded, the weights)
 torch and this CPU. The fused loops are compiled single-threaded
 (they touch a few thousand numbers each; spreading them over threads costs a barrier each, and on a
 machine shared with other work a barrier waits for a descheduled thread), while the quantized matmuls
-inside stay calls to their kernels (gptchat/kernels, else PyTorch's), which use all of torch's threads. Batch size 1 (chat and
-generate); the server's batches decode eagerly.
+inside stay calls to their kernels (gptchat/kernels, else PyTorch's), which use all of torch's threads.
+
+Two packages per model: one sequence (chat, generate, a lone server request), and a batch of any size from 2
+(the server's running batch, generate_batch): left-padded rows, each at its own position, with a key mask; its
+batch size is a dynamic dimension, so one package serves every batch up to MAX_BATCH rows.
 
 Where compiling or loading fails (no C++ compiler, an op inductor cannot handle), the decoder says so
 once and the engine decodes eagerly; a failed build leaves a note beside where the package would be, so
@@ -45,8 +48,12 @@ import torch.nn as nn
 from . import kernels
 from .cpu import cpu_flags
 from .model import GPT, KVCache
+from .quantize import KERNEL_ROWS, SMALL_BATCH
 
 PACKAGE_VERSION = 2  # bump when the step's graph changes in a way the fingerprint cannot see
+# rows of the batched step: beyond this, the quantized layers take another path (PyTorch's kernels serve at most
+# SMALL_BATCH rows, gptchat's KERNEL_ROWS), which a graph traced with fewer rows does not hold
+MAX_BATCH = min(KERNEL_ROWS, SMALL_BATCH)
 
 
 class StepCache:
@@ -80,6 +87,26 @@ class DecodeStep(nn.Module):
         cache = StepCache(cache_tensors[:n], cache_tensors[n:], pos, window.shape[0])
         for i, block in enumerate(m.blocks):  # one query that sees every key in the window: no mask
             x = block(x, rope, cache, i, None)
+        return m.head(m.norm(x))[:, -1]
+
+
+class BatchDecodeStep(nn.Module):
+    """Logits [B, vocab] for one new token per row of a DecodeBatch: idx and positions [B, 1] (each row's own
+    position), column [1] (where this token's keys go: the same cache column for every row, which are
+    left-padded), key_mask [B, column + 1] (False for padding); then the cache tensors, as in DecodeStep."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx, positions, column, key_mask, *cache_tensors):
+        m = self.model
+        n = len(m.blocks)
+        x, rope = m.embed(idx, positions)
+        cache = StepCache(cache_tensors[:n], cache_tensors[n:], column, key_mask.shape[1])
+        mask = key_mask[:, None, None, :]  # [B, 1, 1, window]: the one query of each row
+        for i, block in enumerate(m.blocks):
+            x = block(x, rope, cache, i, mask)
         return m.head(m.norm(x))[:, -1]
 
 
@@ -134,32 +161,46 @@ def model_tensors(model: GPT) -> dict[str, torch.Tensor]:
     return {name: t.detach() for name, t in named.items()}
 
 
-def package_path(model: GPT) -> Path:
+def package_path(model: GPT, batched: bool = False) -> Path:
     from .checkpoints import cache_root
 
-    return cache_root() / "compiled" / f"decode-{fingerprint(model)}.pt2"
+    return cache_root() / "compiled" / f"decode-{'batch-' if batched else ''}{fingerprint(model)}.pt2"
 
 
-def build_package(model: GPT, path: Path) -> None:
-    """Export the decode step of `model` and compile it into `path` (written atomically)."""
+def build_package(model: GPT, path: Path, batched: bool = False) -> None:
+    """Export the decode step of `model` (one sequence, or a batch) and compile it into `path` (atomically)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's deprecations inside export and inductor
-        export_and_compile(model, path)
+        export_and_compile(model, path, batched)
 
 
-def export_and_compile(model: GPT, path: Path) -> None:
+def exported_step(model: GPT, batched: bool):
+    """torch.export of the step, with the cache capacity, the attention window (and the batch) dynamic."""
     config = model.config
-    capacity = min(config.max_seq_len, 64)
-    shape = (1, config.n_kv_head, capacity, config.head_dim)
+    capacity, rows = min(config.max_seq_len, 64), 2 if batched else 1
+    shape = (rows, config.n_kv_head, capacity, config.head_dim)
     caches = tuple(torch.zeros(shape) for _ in range(2 * config.n_layer))  # separate tensors: no aliasing
     dim = torch.export.Dim("capacity", min=2, max=config.max_seq_len)
     window = torch.export.Dim("window", min=2, max=config.max_seq_len)
+    column = capacity // 2
+    if batched:
+        batch = torch.export.Dim("batch", min=2, max=MAX_BATCH)
+        example = (torch.zeros(rows, 1, dtype=torch.long), torch.full((rows, 1), column), torch.tensor([column]),
+                   torch.ones(rows, column + 1, dtype=torch.bool), *caches)
+        dynamic = ({0: batch}, {0: batch}, None, {0: batch, 1: window}, ({0: batch, 2: dim},) * len(caches))
+        step = BatchDecodeStep(model)
+    else:
+        example = (torch.tensor([[0]]), torch.tensor([column]), torch.empty(column + 1), *caches)
+        dynamic = (None, None, {0: window}, ({2: dim},) * len(caches))
+        step = DecodeStep(model)
+    with torch.inference_mode():
+        return torch.export.export(step, example, strict=False, dynamic_shapes=dynamic)
+
+
+def export_and_compile(model: GPT, path: Path, batched: bool = False) -> None:
     prepare_kernels(model)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(path.parent / "inductor"))
-    with torch.inference_mode():
-        example = (torch.tensor([[0]]), torch.tensor([capacity // 2]), torch.empty(capacity // 2 + 1), *caches)
-        program = torch.export.export(DecodeStep(model), example, strict=False,
-                                      dynamic_shapes=(None, None, {0: window}, ({2: dim},) * len(caches)))
+    program = exported_step(model, batched)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".partial-", suffix=".pt2")
     os.close(fd)
@@ -186,6 +227,9 @@ class CompiledDecoder:
     """Decodes one token for a KVCache of batch size 1 through the compiled package; None when it cannot
     (the caller decodes eagerly). The package is built on first use if it is not in the cache yet."""
 
+    batched = False
+    what = "the decode step"
+
     def __init__(self, model: GPT, announce: bool = True):
         self.model = model
         self.announce = announce
@@ -202,17 +246,17 @@ class CompiledDecoder:
         if self._runner is None and not self.failed:
             path = None
             try:
-                path = package_path(self.model)
+                path = package_path(self.model, self.batched)
                 failed_before = path.with_suffix(".failed")
                 if failed_before.is_file() and not path.is_file():
                     self.failed = True
                     return None
                 if not path.is_file():
                     if self.announce:
-                        print("gptchat: compiling the decode step for this model, once (a minute or more; "
+                        print(f"gptchat: compiling {self.what} for this model, once (a minute or more; "
                               "later runs load it from the cache)...", file=sys.stderr, flush=True)
                     start = time.perf_counter()
-                    build_package(self.model, path)
+                    build_package(self.model, path, self.batched)
                     if self.announce:
                         print(f"gptchat: compiled in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
                 kernels.ops()  # the package calls gptchat's kernel ops: load them first
@@ -223,7 +267,7 @@ class CompiledDecoder:
                     drop_kernels(self.model)  # the package has its own copy of the kernel tensors
                 self._runner = runner
             except Exception as e:  # no compiler, an op that cannot be compiled, a damaged package
-                self._fail("compiling the decode step", e)
+                self._fail(f"compiling {self.what}", e)
                 if path is not None:
                     try:
                         path.unlink(missing_ok=True)  # a package that does not load is rebuilt next time
@@ -255,7 +299,34 @@ class CompiledDecoder:
             logits, = self._runner.boxed_run([torch.tensor([[token]]), torch.tensor([pos]), torch.empty(pos + 1),
                                               *cache.k.unbind(0), *cache.v.unbind(0)])
         except Exception as e:
-            self._fail("the compiled decode step", e)
+            self._fail(f"the compiled {self.what[4:]}", e)
             return None
         cache.advance(1)
         return logits[0]
+
+
+class CompiledBatchDecoder(CompiledDecoder):
+    """Decodes one token for every row of a DecodeBatch (2 or more rows, left-padded, each at its own position)
+    through the batched package; None when it cannot (the caller decodes eagerly)."""
+
+    batched = True
+    what = "the batched decode step"
+
+    @torch.inference_mode()
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor,
+                 cache: KVCache) -> torch.Tensor | None:
+        """Logits [B, vocab] for tokens and positions [B, 1]; key_mask [B, cache.length + 1] marks real keys."""
+        if not 2 <= cache.batch_size <= MAX_BATCH or self.load() is None:
+            return None
+        column = cache.length
+        cache.reserve(column + 1)
+        if not (cache.k.is_contiguous() and cache.v.is_contiguous()):  # the package assumes dense layers
+            return None
+        try:
+            logits, = self._runner.boxed_run([tokens, positions, torch.tensor([column]), key_mask,
+                                              *cache.k.unbind(0), *cache.v.unbind(0)])
+        except Exception as e:
+            self._fail(f"the compiled {self.what[4:]}", e)
+            return None
+        cache.advance(1)
+        return logits

@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .checkpoints import LoadedModel
-from .compiled import CompiledDecoder
+from .compiled import CompiledBatchDecoder, CompiledDecoder
 from .cpu import cpu_has_fast_bf16
 from .errors import ContextLengthError
 from .model import KVCache
@@ -126,21 +126,26 @@ class SequenceOutput:
 
 class Engine:
     def __init__(self, lm: LoadedModel, compile: bool = False):
-        """compile=True decodes single sequences through the compiled decode step (gptchat/compiled.py): the
-        first run for a model builds it (minutes, cached on disk), and it falls back to eager if that fails."""
+        """compile=True decodes through the compiled decode steps (gptchat/compiled.py), one for single
+        sequences and one for batches: the first run for a model builds each (minutes, cached on disk) when
+        it is first needed, and decoding falls back to eager if that fails."""
         self.lm = lm
         self.model = lm.model
         self.decoder = CompiledDecoder(lm.model) if compile else None
+        self.batch_decoder = CompiledBatchDecoder(lm.model) if compile else None
         self.tokenizer = lm.tokenizer
         self.context_length = lm.config.max_seq_len
         self.vocab_size = min(lm.config.vocab_size, self.tokenizer.vocab_size)
         self._cache: KVCache | None = None
         self._cached_ids: list[int] = []  # the tokens whose keys/values are in _cache
 
-    def prepare(self) -> None:
-        """Load (or build) the compiled decode step now, so the wait comes before the first prompt."""
+    def prepare(self, batched: bool = False) -> None:
+        """Load (or build) the compiled decode step now, so the wait comes before the first prompt; with
+        batched, the batched step too (a server that runs several requests at once)."""
         if self.decoder is not None:
             self.decoder.load()
+        if batched and self.batch_decoder is not None:
+            self.batch_decoder.load()
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=True)
@@ -234,7 +239,7 @@ class Engine:
         positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
         cache = KVCache(self.lm.config, len(prompts), min(longest + max(o.budget for o in outs), CACHE_START))
         logits = self.model(ids, cache=cache, positions=positions, key_mask=key_mask, last_only=True)[:, -1]
-        batch = DecodeBatch(self.model, self.decoder)
+        batch = DecodeBatch(self.model, self.decoder, self.batch_decoder)
         batch.join(cache, key_mask, outs, [out.step(row) for out, row in zip(outs, logits)])
         while batch:
             batch.step()
@@ -252,12 +257,13 @@ class DecodeBatch:
     each row keeps its own positions (keys are stored after RoPE, so the column a key sits in does not
     matter, only whether it is masked). Rows join with the cache of their prefill and leave as soon as
     they finish; columns that only padding uses any more are then dropped. A batch of one unpadded row
-    (a single client) decodes through the compiled step when there is one (`decoder`).
+    (a single client) decodes through the compiled step when there is one (`decoder`), a batch of several
+    through the compiled batched step (`batch_decoder`).
     """
 
-    def __init__(self, model, decoder: CompiledDecoder | None = None):
+    def __init__(self, model, decoder: CompiledDecoder | None = None, batch_decoder: CompiledBatchDecoder | None = None):
         self.model = model
-        self.decoder = decoder
+        self.decoder, self.batch_decoder = decoder, batch_decoder
         self.outs: list[SequenceOutput] = []
         self.cache: KVCache | None = None
         self.key_mask = torch.zeros(0, 0, dtype=torch.bool)  # [B, S]: True where a row has a real key
@@ -289,7 +295,7 @@ class DecodeBatch:
         """Remove these rows (finished, or their client left)."""
         keep = [i for i in range(len(self)) if i not in set(rows)]
         if not keep:
-            self.__init__(self.model, self.decoder)
+            self.__init__(self.model, self.decoder, self.batch_decoder)
             return
         self.cache, self.key_mask = _keep_rows(self.cache, self.key_mask, keep)
         self.positions = self.positions[keep]
@@ -305,6 +311,8 @@ class DecodeBatch:
         if n == 1 and self.decoder is not None and bool(self.key_mask.all()):  # no padding: pos = cache length
             logits = self.decoder(self.tokens[0], self.cache)
             logits = logits[None] if logits is not None else None
+        if logits is None and n > 1 and self.batch_decoder is not None:
+            logits = self.batch_decoder(torch.tensor(self.tokens).view(n, 1), self.positions, self.key_mask, self.cache)
         if logits is None:
             tokens = torch.tensor(self.tokens).view(n, 1)
             logits = self.model(tokens, cache=self.cache, positions=self.positions, key_mask=self.key_mask,
@@ -323,8 +331,8 @@ def _keep_rows(cache: KVCache, key_mask: torch.Tensor, rows: list[int]):
     cache.select(rows)
     key_mask = key_mask[rows]
     unused = int((~key_mask).all(0).long().cumprod(0).sum())
-    if unused:
-        cache.k, cache.v = cache.k[:, :, :, unused:], cache.v[:, :, :, unused:]
+    if unused:  # dense copies: the compiled batched step reads each layer's cache as a dense tensor
+        cache.k, cache.v = cache.k[:, :, :, unused:].contiguous(), cache.v[:, :, :, unused:].contiguous()
         cache.length -= unused
         key_mask = key_mask[:, unused:]
     return cache, key_mask

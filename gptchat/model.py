@@ -184,9 +184,11 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)
         gqa = self.n_kv_head != self.n_head
-        ops = decode_attention_ops(q, self.n_head // self.n_kv_head) if T == 1 and mask is None else None
+        ops = decode_attention_ops(q, self.n_head // self.n_kv_head) if T == 1 else None
         if ops is not None:  # one new token per row over its cache: gptchat's kernel (see there)
             scores = ops.gqa_scores(q[:, :, 0] * self.head_dim**-0.5, k)
+            if mask is not None:  # [B, 1, 1, S]: a batch's padding keys (each row sees at least itself)
+                scores = scores.masked_fill(~mask[:, :, 0], float("-inf"))
             y = ops.gqa_mix(scores.softmax(dim=-1), v)[:, :, None]
         elif mask is None:  # no padding and the queries are the last T of the keys
             causal = T > 1

@@ -71,6 +71,43 @@ def test_compiled_equals_eager(tiny_llama_dir, quant, monkeypatch):
 
 
 @pytest.mark.slow
+def test_compiled_batch_equals_eager(tiny_llama_dir, monkeypatch):
+    """The batched step: rows of unequal prompts (left-padded, each at its own position) that finish at
+    different steps, one package for every batch size, the same tokens as eager batched decoding."""
+    lm = gptchat.load_model(tiny_llama_dir[0], quant="int4")
+    eos = {i: -100.0 for i in lm.tokenizer.eos_ids}
+    prompts = [PROMPT, [7, 3], PROMPT * 2, [12, 13, 14]]
+    params = [SamplingParams(temperature=0, max_new_tokens=n, logit_bias=eos) for n in (20, 6, 14, 20)]
+    eager = [r.token_ids for r in Engine(lm).generate_batch(prompts, params)]
+    engine = Engine(lm, compile=True)
+    calls = []
+    real_call = compiled.CompiledBatchDecoder.__call__
+    monkeypatch.setattr(compiled.CompiledBatchDecoder, "__call__",
+                        lambda self, *a: calls.append(a[0].shape[0]) or real_call(self, *a))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a fallback to eager would warn: fail instead
+        assert [r.token_ids for r in engine.generate_batch(prompts, params)] == eager
+        assert [r.token_ids for r in engine.generate_batch(prompts[:2], params[:2])] == eager[:2]
+    assert not engine.batch_decoder.failed and compiled.package_path(lm.model, batched=True).is_file()
+    assert {4, 3, 2} <= set(calls)  # batches shrank as rows finished, through the same package
+    monkeypatch.undo()
+    # its logits stay close to eager ones for a padded batch
+    ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])
+    key_mask = ids != 0
+    positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
+    caches = [gptchat.model.KVCache(lm.config, 2, 8) for _ in range(2)]
+    with torch.inference_mode():
+        for cache in caches:
+            lm.model(ids, cache=cache, positions=positions, key_mask=key_mask)
+        step_mask = torch.cat([key_mask, torch.ones(2, 1, dtype=torch.bool)], dim=1)
+        step_ids, step_pos = torch.tensor([[11], [12]]), positions[:, -1:] + 1
+        eager_logits = lm.model(step_ids, cache=caches[0], positions=step_pos, key_mask=step_mask)[:, -1]
+        compiled_logits = engine.batch_decoder(step_ids, step_pos, step_mask, caches[1])
+    assert caches[1].length == caches[0].length
+    assert (compiled_logits - eager_logits).abs().max() < 1e-3 * eager_logits.abs().max()
+
+
+@pytest.mark.slow
 def test_cli_generate_compiles_once(tiny_llama_dir, tmp_path):
     """`gptchat generate --compile`: the first run says it compiles, the second loads the package, both
     print what eager decoding prints."""

@@ -155,23 +155,31 @@ def test_decode_attention_ops_equal_sdpa(ops, group, keys, head_dim):
 
 
 def test_decode_attention_in_the_model(ops, tiny_llama_dir):
-    """A quantized model decodes one token with the ops (its kernel is loaded), and gives PyTorch's attention's
-    logits."""
+    """A quantized model decodes one token with the ops (its kernel is loaded), alone or in a padded batch (the
+    padding keys masked), and gives PyTorch's attention's logits."""
     import gptchat
     from gptchat.model import KVCache, decode_attention_ops
 
     lm = gptchat.load_model(tiny_llama_dir[0], quant="int8")
     assert decode_attention_ops(torch.zeros(1, 4, 1, lm.config.head_dim), 2) is ops
-    logits = {}
+    logits, batch_logits = {}, {}
+    ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])  # a batch: the first row left-padded, keys masked
+    key_mask = ids != 0
+    positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
+    step_mask = torch.cat([key_mask, torch.ones(2, 1, dtype=torch.bool)], dim=1)
     for name, kernels_env in (("ours", None), ("pytorch", "aten")):
         with pytest.MonkeyPatch.context() as mp:
             if kernels_env:
                 mp.setattr(kernels, "loaded", lambda: None)
-            cache = KVCache(lm.config, 1, 32)
+            cache, batch = KVCache(lm.config, 1, 32), KVCache(lm.config, 2, 32)
             with torch.inference_mode():
                 lm.model(torch.tensor([[5, 6, 7, 8, 9]]), cache=cache)
                 logits[name] = lm.model(torch.tensor([[10]]), cache=cache)[0, -1]
-    assert (logits["ours"] - logits["pytorch"]).abs().max() < 1e-4 * logits["pytorch"].abs().max()
+                lm.model(ids, cache=batch, positions=positions, key_mask=key_mask)
+                batch_logits[name] = lm.model(torch.tensor([[11], [12]]), cache=batch, positions=positions[:, -1:] + 1,
+                                              key_mask=step_mask)[:, -1]
+    for got in (logits, batch_logits):
+        assert (got["ours"] - got["pytorch"]).abs().max() < 1e-4 * got["pytorch"].abs().max()
 
 
 def test_decode_attention_bad_shapes(ops):

@@ -104,9 +104,10 @@ def create_app(lm: LoadedModel, *, model_name: str | None = None, api_key: str |
                store: ConversationStore | None = None, compile: bool = False) -> FastAPI:
     """The app. max_concurrency: sequences decoding together; max_queue: how many more may wait (then 429);
     conversations of the web chat go to `store` (default: one in memory, gone when the process ends);
-    compile: a single running request decodes through the compiled step (built now if it is not cached)."""
+    compile: running requests decode through the compiled steps, one for a lone request and one for a batch
+    (built now if they are not cached)."""
     engine = Engine(lm, compile=compile)
-    engine.prepare()
+    engine.prepare(batched=max_concurrency > 1)
     metrics = Metrics()
     generator = Scheduler(engine, max_concurrency=max_concurrency, max_queue=max_queue, metrics=metrics)
     served = model_name or lm.name

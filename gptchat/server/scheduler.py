@@ -78,7 +78,7 @@ class Scheduler:
         self.cond = threading.Condition()
         self.waiting: deque[Request] = deque()
         self.prefilling: deque[Request] = deque()
-        self.batch = DecodeBatch(engine.model, engine.decoder)
+        self.batch = DecodeBatch(engine.model, engine.decoder, engine.batch_decoder)
         self.rows: dict[SequenceOutput, Request] = {}  # the batch's rows -> their requests
         self.closing_at: float | None = None  # after this time, whatever still runs is ended with an error
         self.stopped = False
@@ -231,7 +231,7 @@ class Scheduler:
             if waiting_too:
                 self.waiting.clear()
         self.rows.clear()
-        self.batch = DecodeBatch(self.engine.model, self.engine.decoder)
+        self.batch = DecodeBatch(self.engine.model, self.engine.decoder, self.engine.batch_decoder)
         for request in failed:
             self._done(request)
             request.emit(error)
