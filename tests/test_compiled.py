@@ -11,6 +11,7 @@ import torch
 import gptchat
 import gptchat.compiled as compiled
 from gptchat import Engine, SamplingParams
+from gptchat.engine import DecodeBatch
 
 PROMPT = [5, 6, 7, 8, 9, 10]
 
@@ -90,6 +91,22 @@ def test_compiled_batch_equals_eager(tiny_llama_dir, monkeypatch):
         assert [r.token_ids for r in engine.generate_batch(prompts[:2], params[:2])] == eager[:2]
     assert not engine.batch_decoder.failed and compiled.package_path(lm.model, batched=True).is_file()
     assert {4, 3, 2} <= set(calls)  # batches shrank as rows finished, through the same package
+    # rows that join a running batch (as the server's do) with shorter and longer prompts: each row's tokens
+    # are its tokens decoded alone
+    alone = [Engine(lm).generate(p, q).token_ids for p, q in zip(prompts, params)]
+    batch = DecodeBatch(lm.model, engine.decoder, engine.batch_decoder)
+    outs = [engine.start(p, q) for p, q in zip(prompts, params)]
+    join_at = {0: 0, 1: 2, 2: 3, 3: 7}
+    calls.clear()
+    with torch.inference_mode():
+        for step in range(40):
+            for i in [i for i, at in join_at.items() if at == step]:
+                cache = gptchat.model.KVCache(lm.config, 1, len(prompts[i]))
+                delta = outs[i].step(engine.prefill_chunk(cache, prompts[i]))
+                batch.join(cache, torch.ones(1, len(prompts[i]), dtype=torch.bool), [outs[i]], [delta])
+            if batch:
+                batch.step()
+    assert [o.result().token_ids for o in outs] == alone and len(set(calls)) >= 2
     monkeypatch.undo()
     # its logits stay close to eager ones for a padded batch
     ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])
