@@ -228,7 +228,7 @@ class CompiledDecoder:
     (the caller decodes eagerly). The package is built on first use if it is not in the cache yet."""
 
     batched = False
-    what = "the decode step"
+    step = "decode step"  # in messages
 
     def __init__(self, model: GPT, announce: bool = True):
         self.model = model
@@ -253,7 +253,7 @@ class CompiledDecoder:
                     return None
                 if not path.is_file():
                     if self.announce:
-                        print(f"gptchat: compiling {self.what} for this model, once (a minute or more; "
+                        print(f"gptchat: compiling the {self.step} for this model, once (a minute or more; "
                               "later runs load it from the cache)...", file=sys.stderr, flush=True)
                     start = time.perf_counter()
                     build_package(self.model, path, self.batched)
@@ -267,7 +267,7 @@ class CompiledDecoder:
                     drop_kernels(self.model)  # the package has its own copy of the kernel tensors
                 self._runner = runner
             except Exception as e:  # no compiler, an op that cannot be compiled, a damaged package
-                self._fail(f"compiling {self.what}", e)
+                self._fail(f"compiling the {self.step}", e)
                 if path is not None:
                     try:
                         path.unlink(missing_ok=True)  # a package that does not load is rebuilt next time
@@ -275,7 +275,7 @@ class CompiledDecoder:
                         path.with_suffix(".failed").write_text(f"{type(e).__name__}: {e}\n")
                     except OSError:
                         pass
-        return self._runner
+        return None if self.failed else self._runner  # a step that failed once is not run again
 
     def _give_weights(self, runner) -> None:
         """Point the package at the model's own tensors (no copy: they must outlive the package, and
@@ -295,14 +295,19 @@ class CompiledDecoder:
             return None
         pos = cache.length
         cache.reserve(pos + 1)
+        logits = self._run([torch.tensor([[token]]), torch.tensor([pos]), torch.empty(pos + 1)], cache)
+        return logits[0] if logits is not None else None
+
+    def _run(self, inputs: list[torch.Tensor], cache: KVCache) -> torch.Tensor | None:
+        """The package's logits for these inputs and the cache's layers (then advanced by one), or None if
+        the run failed (said once; the caller decodes eagerly from then on)."""
         try:
-            logits, = self._runner.boxed_run([torch.tensor([[token]]), torch.tensor([pos]), torch.empty(pos + 1),
-                                              *cache.k.unbind(0), *cache.v.unbind(0)])
+            logits, = self._runner.boxed_run([*inputs, *cache.k.unbind(0), *cache.v.unbind(0)])
         except Exception as e:
-            self._fail(f"the compiled {self.what[4:]}", e)
+            self._fail(f"the compiled {self.step}", e)
             return None
         cache.advance(1)
-        return logits[0]
+        return logits
 
 
 class CompiledBatchDecoder(CompiledDecoder):
@@ -310,7 +315,7 @@ class CompiledBatchDecoder(CompiledDecoder):
     through the batched package; None when it cannot (the caller decodes eagerly)."""
 
     batched = True
-    what = "the batched decode step"
+    step = "batched decode step"
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor,
@@ -322,11 +327,4 @@ class CompiledBatchDecoder(CompiledDecoder):
         cache.reserve(column + 1)
         if not (cache.k.is_contiguous() and cache.v.is_contiguous()):  # the package assumes dense layers
             return None
-        try:
-            logits, = self._runner.boxed_run([tokens, positions, torch.tensor([column]), key_mask,
-                                              *cache.k.unbind(0), *cache.v.unbind(0)])
-        except Exception as e:
-            self._fail(f"the compiled {self.what[4:]}", e)
-            return None
-        cache.advance(1)
-        return logits
+        return self._run([tokens, positions, torch.tensor([column]), key_mask], cache)

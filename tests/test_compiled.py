@@ -164,6 +164,27 @@ def test_failed_compile_falls_back_to_eager(tiny_llama_dir, monkeypatch):
     marker.unlink()
 
 
+def test_a_step_that_fails_while_running_is_not_run_again(tiny_llama_dir):
+    """A package that loaded but fails when run (a damaged library, say): one warning, the caller decodes
+    eagerly, and later tokens do not try it again."""
+    lm = gptchat.load_model(tiny_llama_dir[0], quant="none")
+    runs = []
+
+    class Broken:
+        def boxed_run(self, inputs):
+            runs.append(1)
+            raise RuntimeError("segment of the library is damaged")
+
+    decoder = compiled.CompiledDecoder(lm.model)
+    decoder._runner = Broken()
+    cache = gptchat.model.KVCache(lm.config, 1, 8)
+    with torch.inference_mode():
+        lm.model(torch.tensor([PROMPT]), cache=cache)
+    with pytest.warns(UserWarning, match="the compiled decode step failed .*damaged"):
+        assert decoder(9, cache) is None
+    assert decoder(9, cache) is None and len(runs) == 1 and cache.length == len(PROMPT)
+
+
 def test_bf16_prefill_stays_close(tiny_llama_dir, monkeypatch):
     """Prefill in bfloat16 (automatic on CPUs with avx512_bf16/AMX; forced here) keeps the greedy tokens."""
     from gptchat import engine as engine_module
