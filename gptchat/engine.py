@@ -311,12 +311,13 @@ class DecodeBatch:
         if n == 1 and self.decoder is not None and bool(self.key_mask.all()):  # no padding: pos = cache length
             logits = self.decoder(self.tokens[0], self.cache)
             logits = logits[None] if logits is not None else None
-        if logits is None and n > 1 and self.batch_decoder is not None:
-            logits = self.batch_decoder(torch.tensor(self.tokens).view(n, 1), self.positions, self.key_mask, self.cache)
         if logits is None:
             tokens = torch.tensor(self.tokens).view(n, 1)
-            logits = self.model(tokens, cache=self.cache, positions=self.positions, key_mask=self.key_mask,
-                                last_only=True)[:, -1]
+            if n > 1 and self.batch_decoder is not None:
+                logits = self.batch_decoder(tokens, self.positions, self.key_mask, self.cache)
+            if logits is None:
+                logits = self.model(tokens, cache=self.cache, positions=self.positions, key_mask=self.key_mask,
+                                    last_only=True)[:, -1]
         self.positions = self.positions + 1
         stepped = [(out, out.step(row)) for out, row in zip(self.outs, logits)]
         self.tokens = [d.token_ids[-1] if d.token_ids else -1 for _, d in stepped]
