@@ -48,7 +48,7 @@ import torch.nn as nn
 from . import kernels
 from .cpu import cpu_flags
 from .model import GPT, KVCache
-from .quantize import KERNEL_ROWS, SMALL_BATCH
+from .quantize import KERNEL_ROWS, SMALL_BATCH, use_kernel_layout
 
 PACKAGE_VERSION = 2  # bump when the step's graph changes in a way the fingerprint cannot see
 # rows of the batched step: beyond this, the quantized layers take another path (PyTorch's kernels serve at most
@@ -111,9 +111,11 @@ class BatchDecodeStep(nn.Module):
 
 
 def prepare_kernels(model: nn.Module) -> None:
-    """Where the quantized layers run on PyTorch's kernels, derive their kernel-layout tensors now, so the
-    trace holds them as they are (gptchat's own kernel reads the weights as stored: nothing to derive)."""
+    """Put the quantized layers' tensors in their kernel's layout now, so that the trace holds them as they are:
+    gptchat's own kernel's layout (the model's tensors, converted in place), or else PyTorch's kernels'
+    (derived copies)."""
     if kernels.ops() is not None:
+        use_kernel_layout(model)
         return
     for m in model.modules():
         if hasattr(m, "kernel") and callable(m.kernel):
@@ -144,7 +146,9 @@ def fingerprint(model: GPT) -> str:
     h.update(b"own kernel, weights outside" if outside else b"aten kernels, weights embedded")
     h.update(f"{PACKAGE_VERSION}|{torch.__version__}|{sorted(cpu_flags())}".encode())
     h.update(repr(sorted(model.config.to_dict().items())).encode())
-    for name, t in model.state_dict().items():
+    if outside:
+        use_kernel_layout(model)  # the tensors as the package reads them (not the state dict's portable form)
+    for name, t in model_tensors(model).items():
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         if not outside:
             flat = t.detach().reshape(-1)

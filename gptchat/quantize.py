@@ -11,15 +11,19 @@ those blocks load without any loss (`from_blocks`). From float weights, int8 is 
 both per group of GROUP_SIZE columns.
 
 Matmuls: a few rows (decoding) go through gptchat's own kernel where it builds (gptchat/kernels: AVX2, integer
-activations, the weights as stored), else through PyTorch's weight-only CPU kernels, which are fast only with
+activations), else through PyTorch's weight-only CPU kernels, which are fast only with
 bfloat16 activations: `aten._weight_int8pack_mm` (int8 with one scale per row) and
 `aten._weight_int4pack_mm_for_cpu` (int4 groups; int8 groups run on it too, as two 4-bit halves). Many rows
 (a prompt) are compute-bound: the weight is dequantized to float32 and multiplied as usual. PyTorch's kernels'
 packed layout depends on the CPU's vector width, so checkpoints store the portable form above and the
-kernel form is derived in memory on first use.
+kernel form is derived in memory on first use. gptchat's kernel reads 8 weight rows side by side (its "lanes"
+layout): a layer converts to it on its first use by the kernel and then holds only that form in memory; its
+state_dict still gives the portable form.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn as nn
@@ -99,6 +103,91 @@ def int4_kernel_scales(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     return torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
 
 
+LANES = 8  # weight rows side by side in gptchat's kernel layout
+
+
+def lanes_to_portable(weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, rows: int,
+                      cols: int) -> dict[str, torch.Tensor]:
+    """gptchat's kernel layout (quant_matmul.cpp: `to_lanes`) back to the portable tensors, by tensor ops: for
+    a state_dict, an export, or PyTorch's kernels."""
+    groups, blocks = weight.shape[0], cols // kernels.BLOCK
+    if offset is None:  # int8: chunk c holds each row's values 2c, 2c + 1
+        q = weight.view(groups, blocks, 16, LANES, 2).permute(0, 3, 1, 2, 4).reshape(groups * LANES, cols)
+    else:  # int4: chunk c holds each row's values 4c, 4c + 2 (low, high nibble) and 4c + 1, 4c + 3
+        pairs = weight.view(groups, blocks, 8, LANES, 2).permute(0, 3, 1, 2, 4)
+        lo, hi = pairs[..., 0], pairs[..., 1]
+        values = torch.stack((lo & 15, hi & 15, lo >> 4, hi >> 4), dim=-1).reshape(groups * LANES, cols)
+        q = pack_nibbles(values)
+
+    def per_row(t):
+        return t.view(groups, blocks, LANES).transpose(1, 2).reshape(groups * LANES, blocks)[:rows]
+
+    parts = {"weight": q[:rows].contiguous(), "scale": per_row(scale).contiguous()}
+    if offset is not None:
+        parts["offset"] = per_row(offset).contiguous()
+    return parts
+
+
+_to_lanes_lock = threading.Lock()
+
+
+class KernelLayout:
+    """What Int8Linear and Int4Linear share: the switch of their tensors to gptchat's kernel layout, and a
+    state_dict (and loading) in the portable layout whichever is held."""
+
+    lanes = False  # True once the tensors are in the kernel layout (weight [N/8, ...], scale [N/8, K/32 * 8])
+    PARTS: tuple[str, ...] = ()
+
+    def lanes_fit(self) -> bool:
+        return self.in_features % kernels.BLOCK == 0 and self.weight.device.type == "cpu"
+
+    def to_lanes(self, ops) -> None:
+        """Hold the tensors in the kernel layout from now on (once; safe against concurrent first calls)."""
+        with _to_lanes_lock:
+            if self.lanes:
+                return
+            portable = [getattr(self, name) for name in self.PARTS]
+            converted = ops.to_lanes(*portable, *([None] if len(portable) == 2 else []))
+            self.portable_scale_groups = self.scale.shape[1]
+            for name, t in zip(self.PARTS, converted):
+                setattr(self, name, t)
+            self.lanes = True
+
+    def portable(self) -> dict[str, torch.Tensor]:
+        """The tensors in the portable layout (converted back when the kernel layout is held)."""
+        if not self.lanes:
+            return {name: getattr(self, name) for name in self.PARTS}
+        parts = lanes_to_portable(*(getattr(self, n) for n in self.PARTS), *([None] if len(self.PARTS) == 2 else []),
+                                  self.out_features, self.in_features)
+        parts["scale"] = parts["scale"][:, : self.portable_scale_groups].contiguous()  # one scale per row, if so
+        return parts
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.lanes:
+            for name, t in self.portable().items():
+                destination[prefix + name] = t
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.lanes:  # loading a portable state dict over the kernel layout: back to portable first
+            with _to_lanes_lock:
+                for name, t in self.portable().items():
+                    setattr(self, name, t)
+                self.lanes = False
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def use_kernel_layout(model: nn.Module) -> None:
+    """Convert every quantized Linear that gptchat's kernel will serve now, rather than on first use: before a
+    compiled step is exported or handed the model's tensors, which must be those the kernel reads."""
+    ops = kernels.ops()
+    if ops is None:
+        return
+    for m in model.modules():
+        if isinstance(m, KernelLayout) and m.kernel_serves() and m.lanes_fit():
+            m.to_lanes(ops)
+
+
 def few_rows(x: torch.Tensor, in_features: int) -> bool:
     return x.numel() // in_features <= SMALL_BATCH and x.device.type == "cpu"
 
@@ -125,8 +214,10 @@ def rows_output(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> 
     return y + bias if bias is not None else y
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(KernelLayout, nn.Module):
     """int8 weights with a float32 scale per row ([N, 1]) or per group of columns ([N, K/g], e.g. Q8_0)."""
+
+    PARTS = ("weight", "scale")
 
     def __init__(self, in_features: int, out_features: int, bias: bool, groups: int = 1, device=None):
         super().__init__()
@@ -150,17 +241,29 @@ class Int8Linear(nn.Module):
 
     @property
     def group_size(self) -> int:
-        return self.in_features // self.scale.shape[1]
+        return self.in_features // (self.portable_scale_groups if self.lanes else self.scale.shape[1])
+
+    def kernel_serves(self) -> bool:
+        """gptchat's kernel takes scales per block of 32 columns, or per row."""
+        return self.in_features % kernels.BLOCK == 0 and self.group_size in (kernels.BLOCK, self.in_features)
 
     def dequantized(self, ops=None) -> torch.Tensor:
         """The float32 weights; with gptchat's kernel ops given, converted by them (the same values)."""
-        if ops is not None and self.group_size % 8 == 0:
-            return ops.int8_dequantize(self.weight, self.scale)
-        N, K = self.weight.shape
-        return (self.weight.float().view(N, -1, self.group_size) * self.scale[..., None]).view(N, K)
+        if ops is not None and self.kernel_serves() and self.lanes_fit():
+            self.to_lanes(ops)
+            return ops.int8_dequantize(self.weight, self.scale, self.out_features, self.in_features)
+        w, scale = self.portable().values()
+        N, K = w.shape
+        return (w.float().view(N, -1, self.group_size) * scale[..., None]).view(N, K)
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Dequantized rows `idx` (an embedding lookup)."""
+        if self.lanes:  # row n is lane n % 8 of group n // 8: its values 2c, 2c + 1 in chunk c of each block
+            blocks = self.in_features // kernels.BLOCK
+            g, j = idx // LANES, idx % LANES
+            w = self.weight.view(-1, blocks, 16, LANES, 2)[g, :, :, j, :].float()  # [..., blocks, 16, 2]
+            scale = self.scale.view(-1, blocks, LANES)[g, :, j]
+            return (w.flatten(-2) * scale[..., None]).flatten(-2)
         w = self.weight[idx].float()
         return (w.unflatten(-1, (-1, self.group_size)) * self.scale[idx][..., None]).flatten(-2)
 
@@ -168,21 +271,22 @@ class Int8Linear(nn.Module):
         """Per-row scales: the int8 kernel. Grouped scales: the int4 kernel on the two halves of each byte,
         q = 16 * hi + lo (hi in [-8, 7], lo in [0, 15]): x @ [hi | lo]^T with scales 16d and d."""
         if self._kernel is None:
-            if self.scale.shape[1] == 1:
-                self._kernel = ("int8", self.weight, self.scale[:, 0].to(torch.bfloat16))
-            else:
-                q = self.weight  # int8 arithmetic throughout: a 49152-row head must not spike memory
+            q, d = self.portable().values()
+            if d.shape[1] == 1:
+                self._kernel = ("int8", q, d[:, 0].to(torch.bfloat16))
+            else:  # int8 arithmetic throughout: a 49152-row head must not spike memory
                 halves = torch.cat(((q >> 4) + 8, q & 15), dim=1)  # [N, 2K], values 0..15
-                scale = torch.cat((16 * self.scale, self.scale), dim=1)
-                zero = torch.cat((torch.zeros_like(self.scale), 8 * self.scale), dim=1)
+                scale = torch.cat((16 * d, d), dim=1)
+                zero = torch.cat((torch.zeros_like(d), 8 * d), dim=1)
                 self._kernel = ("int4x2", int4_kernel_weight(halves), int4_kernel_scales(scale, zero))
         return self._kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        per_row = self.scale.shape[1] == 1
+        per_row = self.group_size == self.in_features
         ops = own_kernel_for(x, self.in_features)
-        if ops is not None and self.in_features % kernels.BLOCK == 0 and (per_row or self.group_size == kernels.BLOCK):
-            y = ops.int8_linear(x.reshape(-1, self.in_features).float(), self.weight, self.scale)
+        if ops is not None and self.kernel_serves() and self.lanes_fit():
+            self.to_lanes(ops)
+            y = ops.int8_linear(x.reshape(-1, self.in_features).float(), self.weight, self.scale, self.out_features)
             return rows_output(x, y, self.bias)
         usable = int8_kernel_available() if per_row else int4_kernel_available() and int4_fits(
             self.out_features, 2 * self.in_features, self.group_size)
@@ -197,8 +301,10 @@ class Int8Linear(nn.Module):
         return F.linear(x, float_weight(self, x).to(x.dtype), self.bias)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(KernelLayout, nn.Module):
     """4-bit weights, two per byte, with a float32 scale and offset per group: w = q * scale + offset."""
+
+    PARTS = ("weight", "scale", "offset")
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int = GROUP_SIZE, device=None):
         super().__init__()
@@ -218,29 +324,45 @@ class Int4Linear(nn.Module):
             q.bias = linear.bias.detach().float()
         return q
 
+    def kernel_serves(self) -> bool:
+        """gptchat's kernel takes groups of 32 columns."""
+        return self.group_size == kernels.BLOCK and self.in_features % kernels.BLOCK == 0
+
     def dequantized(self, ops=None) -> torch.Tensor:
         """The float32 weights; with gptchat's kernel ops given, converted by them (the same values)."""
-        if ops is not None and self.group_size % kernels.BLOCK == 0:
-            return ops.int4_dequantize(self.weight, self.scale, self.offset)
+        if ops is not None and self.kernel_serves() and self.lanes_fit():
+            self.to_lanes(ops)
+            return ops.int4_dequantize(self.weight, self.scale, self.offset, self.out_features, self.in_features)
+        w, scale, offset = self.portable().values()
         N, K = self.out_features, self.in_features
-        q = unpack_nibbles(self.weight).float().view(N, -1, self.group_size)
-        return (q * self.scale[..., None] + self.offset[..., None]).view(N, K)
+        q = unpack_nibbles(w).float().view(N, -1, self.group_size)
+        return (q * scale[..., None] + offset[..., None]).view(N, K)
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.lanes:  # row n is lane n % 8 of group n // 8; chunk c: values 4c, 4c + 2 / 4c + 1, 4c + 3
+            blocks = self.in_features // kernels.BLOCK
+            g, j = idx // LANES, idx % LANES
+            pairs = self.weight.view(-1, blocks, 8, LANES, 2)[g, :, :, j, :]  # [..., blocks, 8, 2]
+            lo, hi = pairs[..., 0], pairs[..., 1]
+            q = torch.stack((lo & 15, hi & 15, lo >> 4, hi >> 4), dim=-1).flatten(-2).float()  # [..., blocks, 32]
+            scale, offset = (t.view(-1, blocks, LANES)[g, :, j] for t in (self.scale, self.offset))
+            return (q * scale[..., None] + offset[..., None]).flatten(-2)
         q = torch.stack((self.weight[idx] & 15, self.weight[idx] >> 4), dim=-1).flatten(-2).float()
         q = q.unflatten(-1, (-1, self.group_size))
         return (q * self.scale[idx][..., None] + self.offset[idx][..., None]).flatten(-2)
 
     def kernel(self):
         if self._kernel is None:  # the kernel's zero: (q - 8) * scale + zero = q * scale + offset
-            zero = self.offset + 8 * self.scale
-            self._kernel = (int4_kernel_weight(unpack_nibbles(self.weight)), int4_kernel_scales(self.scale, zero))
+            w, scale, offset = self.portable().values()
+            self._kernel = (int4_kernel_weight(unpack_nibbles(w)), int4_kernel_scales(scale, offset + 8 * scale))
         return self._kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = own_kernel_for(x, self.in_features)
-        if ops is not None and self.group_size == kernels.BLOCK:
-            y = ops.int4_linear(x.reshape(-1, self.in_features).float(), self.weight, self.scale, self.offset)
+        if ops is not None and self.kernel_serves() and self.lanes_fit():
+            self.to_lanes(ops)
+            y = ops.int4_linear(x.reshape(-1, self.in_features).float(), self.weight, self.scale, self.offset,
+                                self.out_features)
             return rows_output(x, y, self.bias)
         if int4_kernel_available() and few_rows(x, self.in_features):
             w, s = self.kernel()

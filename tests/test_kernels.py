@@ -3,8 +3,9 @@ float32 matmul, and the fallback to PyTorch's kernels. (~30 s, most of it compil
 
 The kernel quantizes each row of x per block of 32 columns to 16-bit integers (x ~= qx * dx, dx = max|x| /
 32767), so each x is off by at most dx / 2: |y - x @ w.T| <= sum over columns of |w| * dx / 2 bounds the error. The
-kernel's result is exactly the dequantized w times the quantized x: with x quantized in Python, the two
-must match to float rounding.
+kernel's result is the dequantized w times the quantized x: with x quantized in Python, the two must match to
+float rounding. The kernel reads the weights in its own layout (8 rows side by side, `to_lanes`), which must
+hold the same values as the portable one.
 """
 
 import pytest
@@ -13,7 +14,8 @@ import torch
 from gptchat import kernels, quantize
 from gptchat.quantize import Int4Linear, Int8Linear, quantize_int8
 
-SHAPES = [(96, 576), (40, 1536), (12290, 576)]  # (N, K): a small layer, SmolLM2's down_proj K, a tall head
+SHAPES = [(96, 576), (44, 1536), (12290, 576)]  # (N, K): a small layer, SmolLM2's down_proj K, a tall head
+# (44 and 12290 rows: the kernel layout pads the last group of 8 rows)
 ROWS = [1, 3, 6, 16]  # tiles of 4, 3, 2 and 1 rows of x
 
 
@@ -37,6 +39,17 @@ def layer(kind, N, K):
     return q
 
 
+def portable(q):
+    return list(q.portable().values())
+
+
+def kernel_matmul(ops, q, x):
+    """x @ w.T by the kernel, from the layer's portable tensors converted to the kernel's layout."""
+    parts = ops.to_lanes(*portable(q), *([] if isinstance(q, Int4Linear) else [None]))
+    linear = ops.int4_linear if isinstance(q, Int4Linear) else ops.int8_linear
+    return linear(x, *parts, q.out_features)
+
+
 def quantized_x(x):
     """x as the kernel sees it (per block of 32: round(x * 32767 / max|x|) * max|x| / 32767), and dx / 2."""
     blocks = x.view(x.shape[0], -1, 32)
@@ -52,10 +65,7 @@ def test_kernel_matches_dequantized_matmul(ops, kind, N, K):
     w = q.dequantized()
     for M in ROWS:
         x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
-        if kind == "int4":
-            y = ops.int4_linear(x, q.weight, q.scale, q.offset)
-        else:
-            y = ops.int8_linear(x, q.weight, q.scale)
+        y = kernel_matmul(ops, q, x)
         assert y.shape == (M, N) and y.dtype == torch.float32
         xq, half_step = quantized_x(x)
         exact = x @ w.T
@@ -63,37 +73,75 @@ def test_kernel_matches_dequantized_matmul(ops, kind, N, K):
         assert ((y - xq @ w.T).abs() <= rounding).all(), (kind, M)
         assert ((y - exact).abs() <= half_step @ w.abs().T + rounding).all(), (kind, M)
         assert torch.equal(q(x), y)  # the layer's forward uses the kernel for these few rows
+    assert q.lanes  # and from then on holds the kernel's layout
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8 grouped", "int8 per row"])
+@pytest.mark.parametrize("N", [8, 21, 64])
+def test_kernel_layout_holds_the_same_weights(ops, kind, N):
+    """A layer in the kernel's layout gives back its portable tensors (state_dict), bit for bit, and the same
+    embedding rows; loading a state dict into it takes the portable form again."""
+    q = layer(kind, N, 96)
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    idx = torch.tensor([[0, N - 1], [N // 2, 7 % N]])
+    rows = q.rows(idx)
+    parts = ops.to_lanes(*portable(q), *([] if kind == "int4" else [None]))
+    offset = parts[2] if kind == "int4" else None
+    back = quantize.lanes_to_portable(parts[0], parts[1], offset, N, 96)
+    back["scale"] = back["scale"][:, : before["scale"].shape[1]]  # per row: the layout repeats it per block
+    assert all(torch.equal(back[k], before[k]) for k in before)
+    q(torch.randn(1, 96))
+    assert q.lanes and q.weight.shape[0] == -(-N // 8)
+    after = q.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert torch.equal(q.rows(idx), rows)
+    q.load_state_dict(before)
+    assert not q.lanes and all(torch.equal(getattr(q, k), before[k]) for k in before)
 
 
 @pytest.mark.parametrize("kind", ["int4", "int8 grouped", "int8 per row"])
 def test_dequantize_ops_equal_the_layers_dequantized_weights(ops, kind):
     """Prompts (more than KERNEL_ROWS rows) multiply float32 weights converted by the kernel: bit for bit what
     the layer's own tensor-op dequantization gives, and the layer's forward uses them."""
-    q = layer(kind, 40, 1536)
-    w = ops.int4_dequantize(q.weight, q.scale, q.offset) if kind == "int4" else ops.int8_dequantize(q.weight, q.scale)
-    assert torch.equal(w, q.dequantized())
+    q = layer(kind, 44, 1536)
+    expected = q.dequantized()  # by tensor ops, from the portable layout
+    parts = ops.to_lanes(*portable(q), *([] if kind == "int4" else [None]))
+    dequantize = ops.int4_dequantize if kind == "int4" else ops.int8_dequantize
+    w = dequantize(*parts, 44, 1536)
+    assert torch.equal(w, expected)
     x = torch.randn(quantize.KERNEL_ROWS + 8, 1536)
     assert torch.equal(q(x), torch.nn.functional.linear(x, w))
-    if kind == "int4":
-        with pytest.raises(RuntimeError, match="int4: groups must be whole blocks of 32 columns"):
-            ops.int4_dequantize(q.weight, q.scale[:, :5], q.offset[:, :5])
+    assert q.lanes and torch.equal(q.dequantized(), expected)  # from the kernel's layout, by tensor ops too
+    with pytest.raises(RuntimeError, match=r"lanes weight: .* expected for 52 rows of 1536 columns"):
+        dequantize(*parts, 52, 1536)
 
 
 def test_bad_inputs_get_a_clear_error(ops):
     q = layer("int4", 32, 64)
+    parts = ops.to_lanes(*portable(q))
     with pytest.raises(RuntimeError, match="x has 32 columns; the weight wants 64"):
-        ops.int4_linear(torch.randn(1, 32), q.weight, q.scale, q.offset)
+        ops.int4_linear(torch.randn(1, 32), *parts, 32)
+    with pytest.raises(RuntimeError, match="to_lanes: int4 weights need an offset"):
+        ops.to_lanes(q.weight, q.scale, None)
 
 
 def test_weights_in_any_memory_layout(ops):
     q, x = layer("int4", 64, 128), torch.randn(2, 128)
-    strided = [t.t().contiguous().t() for t in (q.weight, q.scale, q.offset)]  # same values, column-major
-    assert torch.equal(ops.int4_linear(x, *strided), ops.int4_linear(x, q.weight, q.scale, q.offset))
+    parts = ops.to_lanes(*portable(q))
+    strided = [t.t().contiguous().t() for t in parts]  # same values, column-major
+    assert torch.equal(ops.int4_linear(x, *strided, 64), ops.int4_linear(x, *parts, 64))
+    strided = [t.t().contiguous().t() for t in portable(q)]
+    assert all(torch.equal(a, b) for a, b in zip(ops.to_lanes(*strided), parts))
 
 
 def test_fake_kernel_for_torch_compile(ops):
-    q = layer("int8 grouped", 64, 128)
-    torch.library.opcheck(torch.ops.gptchat.int8_linear.default, (torch.randn(3, 128), q.weight, q.scale))
+    q = layer("int8 grouped", 60, 128)
+    parts = ops.to_lanes(q.weight, q.scale, None)
+    torch.library.opcheck(torch.ops.gptchat.int8_linear.default, (torch.randn(3, 128), *parts, 60))
+    q = layer("int4", 60, 128)
+    parts = ops.to_lanes(*portable(q))
+    torch.library.opcheck(torch.ops.gptchat.int4_linear.default, (torch.randn(3, 128), *parts, 60))
+    torch.library.opcheck(torch.ops.gptchat.to_lanes.default, portable(q))
 
 
 def test_aten_fallback(ops, monkeypatch):

@@ -2,7 +2,8 @@
 
 PyTorch's weight-only int4 kernel converts bfloat16 activations in software on CPUs without avx512_bf16,
 which makes it compute-bound there. This one does what llama.cpp does on AVX2: activations quantized to
-int8 per block of 32, integer dot products with the weights as gptchat stores them (Int4Linear, Int8Linear).
+16-bit integers per block of 32, integer dot products with the weights, which Int4Linear and Int8Linear hold
+in the kernel's own layout while it serves them (`to_lanes`: 8 weight rows side by side).
 
 It is compiled on first use (`torch.utils.cpp_extension.load`, g++ and ninja; ~30 s) into the cache,
 under a name keyed by the source and torch version, and only on CPUs with AVX2 and FMA. Where it cannot be
@@ -96,21 +97,28 @@ def load_built(library: Path) -> bool:
 def register_fakes() -> None:
     """Output shapes without running the kernel, so torch.compile can trace through the ops."""
 
+    @torch.library.register_fake("gptchat::to_lanes")
+    def _(weight, scale, offset):
+        groups, K = -(-weight.shape[0] // 8), weight.shape[1] * (2 if weight.dtype == torch.uint8 else 1)
+        parts = [weight.new_empty(groups, K * 8 // (2 if weight.dtype == torch.uint8 else 1)),
+                 scale.new_empty(groups, K // 32 * 8)]
+        return parts + [scale.new_empty(groups, K // 32 * 8)] if offset is not None else parts
+
     @torch.library.register_fake("gptchat::int4_linear")
-    def _(x, weight, scale, offset):
-        return x.new_empty(x.shape[0], weight.shape[0])
+    def _(x, weight, scale, offset, N):
+        return x.new_empty(x.shape[0], N)
 
     @torch.library.register_fake("gptchat::int8_linear")
-    def _(x, weight, scale):
-        return x.new_empty(x.shape[0], weight.shape[0])
+    def _(x, weight, scale, N):
+        return x.new_empty(x.shape[0], N)
 
     @torch.library.register_fake("gptchat::int4_dequantize")
-    def _(weight, scale, offset):
-        return scale.new_empty(weight.shape[0], 2 * weight.shape[1])
+    def _(weight, scale, offset, N, K):
+        return scale.new_empty(N, K)
 
     @torch.library.register_fake("gptchat::int8_dequantize")
-    def _(weight, scale):
-        return scale.new_empty(weight.shape)
+    def _(weight, scale, N, K):
+        return scale.new_empty(N, K)
 
     @torch.library.register_fake("gptchat::gqa_scores")
     def _(q, k):
@@ -127,7 +135,7 @@ def disabled() -> bool:
 
 
 def ops():
-    """torch.ops.gptchat (int4_linear, int8_linear, int4_dequantize, int8_dequantize, gqa_scores, gqa_mix), or None: unsupported, failed to build, or GPTCHAT_KERNELS=aten."""
+    """torch.ops.gptchat (to_lanes, int4_linear, int8_linear, int4_dequantize, int8_dequantize, gqa_scores, gqa_mix), or None: unsupported, failed to build, or GPTCHAT_KERNELS=aten."""
     if disabled():
         return None
     if not _loaded:
