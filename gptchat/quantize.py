@@ -23,6 +23,9 @@ state_dict still gives the portable form.
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
 import threading
 
 import torch
@@ -129,6 +132,38 @@ def lanes_to_portable(weight: torch.Tensor, scale: torch.Tensor, offset: torch.T
 
 
 _to_lanes_lock = threading.Lock()
+MADV_DONTNEED = 4
+
+
+def release_file_pages(tensors: list[torch.Tensor]) -> None:
+    """Give back this process's pages of tensors memory-mapped from a file (a checkpoint loaded by safetensors)
+    that a layer has just replaced by their kernel-layout copy. Read once for the conversion, those pages stay
+    resident, and count in the process's memory, for as long as the file's mapping lives, which is as long
+    as any tensor of the file does. `madvise(MADV_DONTNEED)` drops them; read again, they would come back from
+    the file. Only whole pages inside file-backed mappings are released (never anonymous memory, which
+    MADV_DONTNEED would zero). Linux only; best effort."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        files = []
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].startswith("/"):
+                    lo, hi = fields[0].split("-")
+                    files.append((int(lo, 16), int(hi, 16)))
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    page = os.sysconf("SC_PAGE_SIZE")
+    for t in tensors:
+        if t.device.type != "cpu" or not t.is_contiguous():
+            continue
+        start = -(-t.data_ptr() // page) * page
+        end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+        if end > start and any(lo <= start and end <= hi for lo, hi in files):
+            madvise(start, end - start, MADV_DONTNEED)
 
 
 class KernelLayout:
@@ -152,6 +187,7 @@ class KernelLayout:
             for name, t in zip(self.PARTS, converted):
                 setattr(self, name, t)
             self.lanes = True
+            release_file_pages(portable)
 
     def portable(self) -> dict[str, torch.Tensor]:
         """The tensors in the portable layout (converted back when the kernel layout is held)."""

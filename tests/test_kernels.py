@@ -235,3 +235,16 @@ def test_decode_attention_bad_shapes(ops):
         ops.gqa_scores(torch.randn(1, 18, 64), torch.randn(1, 2, 5, 64))
     with pytest.raises(RuntimeError, match="head sizes differ"):
         ops.gqa_scores(torch.randn(1, 4, 64), torch.randn(1, 2, 5, 32))
+
+
+def test_released_file_pages_read_back_and_anonymous_memory_is_kept(tmp_path):
+    """After conversion a layer releases its portable tensors' pages when they are mapped from a checkpoint
+    file: read again they come back from the file; tensors in anonymous memory are never touched."""
+    from safetensors.torch import load_file, save_file
+
+    big = torch.arange(1 << 20, dtype=torch.int32).to(torch.uint8).view(1024, 1024)
+    save_file({"w": big}, str(tmp_path / "t.safetensors"))
+    mapped = load_file(str(tmp_path / "t.safetensors"))["w"]
+    anonymous = big.clone()
+    quantize.release_file_pages([mapped, anonymous])
+    assert torch.equal(mapped, big) and torch.equal(anonymous, big)
