@@ -11,7 +11,7 @@ same machine in the same run, with the same number of torch threads:
     transformers float32 (AutoModelForCausalLM.from_pretrained(dir, gguf_file=..., dtype=torch.float32))
     llama.cpp            (llama-cpp-python, only if importable; batch --batch through its low-level API)
 
-Figures (medians over --repeats):
+Figures (medians over --repeats; prefill and decode also over --rounds, see below):
 
     load time      gptchat: first load into an empty cache (GPTCHAT_CACHE = a fresh temp dir: the GGUF is
                    converted) and cached load (memory-mapped conversion); transformers: its load (it has no
@@ -35,12 +35,15 @@ Figures (medians over --repeats):
                    gptchat's first-load subprocess (conversion).
 
 Each engine runs in its own subprocess (this script re-invokes itself with --_child), so load times and
-RSS are not polluted by other engines. Progress goes to stderr; the Markdown table to stdout.
+RSS are not polluted by other engines. Progress goes to stderr; the Markdown table to stdout. On a shared
+machine whose speed drifts over minutes, --rounds N runs each engine's benchmark subprocess N times with the
+engines taking turns, so that a ratio compares engines measured in the same stretches of time.
 
     python bench/bench_engine.py                      # everything, 3 repeats
     python bench/bench_engine.py --repeats 1 --only gptchat --quant int8 --json out.json
     python bench/bench_engine.py --only gptchat --quant int4 int4+compile
     python bench/bench_engine.py --profile            # also torch.profiler on a few int8 decode steps
+    python bench/bench_engine.py --only gptchat --only llama.cpp --quant int4+compile --repeats 1 --rounds 5
 """
 
 from __future__ import annotations
@@ -661,6 +664,7 @@ def bench_engine(engine: str, quant: str | None, args, base: dict, tmp_root: Pat
     if res is None:
         entry["errors"].append("benchmark failed")
         return entry
+    entry["bench_child"] = ({**spec, "kind": "bench"}, env)  # for the later rounds (--rounds)
     samples["load_cached_s" if engine == "gptchat" else "load_cold_s"].append(res["load_s"])
     if engine != "gptchat":  # no conversion cache: every load reads the GGUF, first or not
         samples["load_cached_s"] = list(samples["load_cold_s"])
@@ -756,9 +760,21 @@ def parent_main(args) -> int:
     tmp_root = Path(tempfile.mkdtemp(prefix="gptchat-bench-"))
     try:
         for key, engine, quant in plan:
-            entry = bench_engine(engine, quant, args, base, tmp_root)
+            results["engines"][key] = bench_engine(engine, quant, args, base, tmp_root)
+        for r in range(1, args.rounds):  # the engines take turns, so a slow spell of the machine hits them all
+            for key, entry in results["engines"].items():
+                if "bench_child" not in entry:
+                    continue
+                log(f"[{entry['tag']}] round {r + 1}/{args.rounds}: benchmark subprocess")
+                res = run_child(*entry["bench_child"], args.child_timeout)
+                if res is None:
+                    entry["errors"].append(f"benchmark round {r + 1} failed")
+                    continue
+                for k, v in res["samples"].items():
+                    entry["samples"].setdefault(k, []).extend(v)
+        for entry in results["engines"].values():
+            entry.pop("bench_child", None)
             entry["figures"] = {k: median(v) for k, v in entry["samples"].items()}
-            results["engines"][key] = entry
         if args.profile and want("gptchat"):
             results["profiles"] = {}
             for q in args.profile_quant.split(","):
@@ -797,7 +813,8 @@ def parent_main(args) -> int:
     table = make_table(results, columns, args)
     print()
     print(f"Model: {Path(model).name}; torch {torch.__version__}; {threads} threads per engine; "
-          f"medians of {args.repeats} repeat(s); {args.decode_tokens} decode steps per figure.")
+          f"medians of {args.repeats} repeat(s) in each of {args.rounds} round(s); {args.decode_tokens} decode steps "
+          "per figure.")
     print()
     print(table)
     print()
@@ -833,6 +850,9 @@ def parent_main(args) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3, help="runs per measurement; medians are printed (default 3)")
+    p.add_argument("--rounds", type=int, default=1, help="benchmark subprocesses per engine, the engines taking "
+                   "turns (round 1 for every engine, then round 2, ...): prefill and decode figures are medians over all "
+                   "rounds, so a slow spell of the machine does not fall on one engine alone (default 1)")
     p.add_argument("--decode-tokens", type=int, default=64, help="decode steps timed per run (default 64)")
     p.add_argument("--prompt-tokens", type=int, default=500, help="length of the long prompt (default 500; <= 512 "
                    "keeps gptchat's prefill in one chunk)")

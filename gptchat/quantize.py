@@ -135,35 +135,50 @@ _to_lanes_lock = threading.Lock()
 MADV_DONTNEED = 4
 
 
-def release_file_pages(tensors: list[torch.Tensor]) -> None:
+def file_mappings() -> list[tuple[int, int]]:
+    """The address ranges of this process's file-backed memory mappings (Linux; else none)."""
+    ranges = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                if " /" in line:
+                    lo, _, hi = line.partition(" ")[0].partition("-")
+                    ranges.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        pass
+    return ranges
+
+
+_madvise = None
+
+
+def release_file_pages(tensors: list[torch.Tensor], mappings: list[tuple[int, int]] | None = None) -> None:
     """Give back this process's pages of tensors memory-mapped from a file (a checkpoint loaded by safetensors)
     that a layer has just replaced by their kernel-layout copy. Read once for the conversion, those pages stay
     resident, and count in the process's memory, for as long as the file's mapping lives, which is as long
     as any tensor of the file does. `madvise(MADV_DONTNEED)` drops them; read again, they would come back from
-    the file. Only whole pages inside file-backed mappings are released (never anonymous memory, which
-    MADV_DONTNEED would zero). Linux only; best effort."""
+    the file. Only whole pages inside file-backed mappings (`mappings`: file_mappings(), current) are released,
+    never anonymous memory, which MADV_DONTNEED would zero. Linux only; best effort."""
+    global _madvise
     if not sys.platform.startswith("linux"):
         return
-    try:
-        files = []
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                fields = line.split(maxsplit=5)
-                if len(fields) == 6 and fields[5].startswith("/"):
-                    lo, hi = fields[0].split("-")
-                    files.append((int(lo, 16), int(hi, 16)))
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
+    if _madvise is None:
+        try:
+            _madvise = ctypes.CDLL(None, use_errno=True).madvise
+            _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        except (OSError, AttributeError):
+            _madvise = False
+    if not _madvise:
         return
-    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    mappings = file_mappings() if mappings is None else mappings
     page = os.sysconf("SC_PAGE_SIZE")
     for t in tensors:
         if t.device.type != "cpu" or not t.is_contiguous():
             continue
         start = -(-t.data_ptr() // page) * page
         end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
-        if end > start and any(lo <= start and end <= hi for lo, hi in files):
-            madvise(start, end - start, MADV_DONTNEED)
+        if end > start and any(lo <= start and end <= hi for lo, hi in mappings):
+            _madvise(start, end - start, MADV_DONTNEED)
 
 
 class KernelLayout:
@@ -176,8 +191,9 @@ class KernelLayout:
     def lanes_fit(self) -> bool:
         return self.in_features % kernels.BLOCK == 0 and self.weight.device.type == "cpu"
 
-    def to_lanes(self, ops) -> None:
-        """Hold the tensors in the kernel layout from now on (once; safe against concurrent first calls)."""
+    def to_lanes(self, ops, mappings: list[tuple[int, int]] | None = None) -> None:
+        """Hold the tensors in the kernel layout from now on (once; safe against concurrent first calls).
+        `mappings`: the process's file mappings, if the caller has just read them (release_file_pages)."""
         with _to_lanes_lock:
             if self.lanes:
                 return
@@ -187,7 +203,7 @@ class KernelLayout:
             for name, t in zip(self.PARTS, converted):
                 setattr(self, name, t)
             self.lanes = True
-            release_file_pages(portable)
+            release_file_pages(portable, mappings)
 
     def portable(self) -> dict[str, torch.Tensor]:
         """The tensors in the portable layout (converted back when the kernel layout is held)."""
@@ -214,14 +230,16 @@ class KernelLayout:
 
 
 def use_kernel_layout(model: nn.Module) -> None:
-    """Convert every quantized Linear that gptchat's kernel will serve now, rather than on first use: before a
-    compiled step is exported or handed the model's tensors, which must be those the kernel reads."""
-    ops = kernels.ops()
-    if ops is None:
+    """Convert every quantized Linear that gptchat's kernel will serve now, rather than each on its first use:
+    when an Engine is made (a model's first use), and before a compiled step is exported or handed the model's
+    tensors, which must be those the kernel reads. A model with nothing to convert never builds the kernel."""
+    todo = [m for m in model.modules() if isinstance(m, KernelLayout) and not m.lanes and m.kernel_serves()
+            and m.lanes_fit()]
+    if not todo or (ops := kernels.ops()) is None:
         return
-    for m in model.modules():
-        if isinstance(m, KernelLayout) and m.kernel_serves() and m.lanes_fit():
-            m.to_lanes(ops)
+    mappings = file_mappings()  # stays valid throughout: the loop maps no file and unmaps none
+    for m in todo:
+        m.to_lanes(ops, mappings)
 
 
 def few_rows(x: torch.Tensor, in_features: int) -> bool:

@@ -191,11 +191,11 @@ std::vector<at::Tensor> to_lanes(const at::Tensor& weight_in, const at::Tensor& 
         for (int64_t b = 0; b < G; ++b) {
           const uint8_t* row = src + n * K / (int4 ? 2 : 1) + b * block_bytes;
           uint8_t* out = dst + (g * G + b) * LANES * block_bytes + 2 * j;
-          if (int4) {  // value v: byte v / 2, high nibble if v is odd
-            auto value = [&](int v) { return (row[v / 2] >> (4 * (v % 2))) & 15; };
+          if (int4) {  // bytes 2c, 2c + 1 hold values 4c, 4c + 1 and 4c + 2, 4c + 3 (low nibble first)
             for (int c = 0; c < 8; ++c) {
-              out[16 * c] = value(4 * c) | (value(4 * c + 2) << 4);
-              out[16 * c + 1] = value(4 * c + 1) | (value(4 * c + 3) << 4);
+              const uint8_t a = row[2 * c], b = row[2 * c + 1];
+              out[16 * c] = (a & 15) | (b << 4);             // values 4c (low) and 4c + 2 (high)
+              out[16 * c + 1] = (a >> 4) | (b & 0xF0);       // values 4c + 1 and 4c + 3
             }
           } else {
             for (int c = 0; c < 16; ++c) out[16 * c] = row[2 * c], out[16 * c + 1] = row[2 * c + 1];
