@@ -12,7 +12,7 @@ this token's keys and values into the cache in place at that position; it attend
 is the cache's capacity: one package serves every step of a cache that grows by doubling.
 
 Where gptchat's own kernel serves the quantized layers, every weight the step reads is one of the model's
-own tensors, so the package holds code only (a few MB) and is handed the model's tensors when it loads
+own tensors (in the kernel's layout, which the layers then hold in memory), so the package holds code only (a few MB) and is handed the model's tensors when it loads
 (AOTInductor's user-managed constants): the weights are in memory once, loading takes milliseconds, and a
 package serves every model of the same architecture and quantization (a fine-tune reuses its base's).
 On PyTorch's kernels the step reads weight copies in those kernels' layout, which the package embeds;
