@@ -74,7 +74,7 @@ inline float hsum(__m256 v) {
 // Widened to int16, a chunk is a vector whose 32-bit lane j holds a pair of row j's values, and _mm256_madd_epi16
 // with the matching pair of x broadcast to every lane adds row j's two products in lane j. A block thus ends as
 // one vector of the 8 rows' sums, converted and scaled once for all 8, and the 8 results need no horizontal sum:
-// 1.5-1.8x faster than one row at a time (which needed both). Scales and offsets are [N/8, G, 8] to match; rows
+// 1.3-1.9x faster than one row at a time (which needed both). Scales and offsets are [N/8, G, 8] to match; rows
 // are padded with zeros to a multiple of 8.
 
 constexpr int64_t LANES = 8;
@@ -160,7 +160,7 @@ at::Tensor lanes_matmul(const at::Tensor& x, const Lanes& w, int64_t N) {
   return y;
 }
 
-// ---- conversion to and from the lanes layout ----
+// ---- conversion to the lanes layout (and back: quantize.lanes_to_portable, tensor ops) ----
 
 // int4 [N, K/2] (column 2k in the low nibble of byte k) or int8 [N, K] weights, with float32 scales [N, G] or
 // [N, 1] and offsets [N, G] (int4; undefined for int8), as the lanes layout's three tensors.
@@ -193,9 +193,9 @@ std::vector<at::Tensor> to_lanes(const at::Tensor& weight_in, const at::Tensor& 
           uint8_t* out = dst + (g * G + b) * LANES * block_bytes + 2 * j;
           if (int4) {  // bytes 2c, 2c + 1 hold values 4c, 4c + 1 and 4c + 2, 4c + 3 (low nibble first)
             for (int c = 0; c < 8; ++c) {
-              const uint8_t a = row[2 * c], b = row[2 * c + 1];
-              out[16 * c] = (a & 15) | (b << 4);             // values 4c (low) and 4c + 2 (high)
-              out[16 * c + 1] = (a >> 4) | (b & 0xF0);       // values 4c + 1 and 4c + 3
+              const uint8_t first = row[2 * c], second = row[2 * c + 1];
+              out[16 * c] = (first & 15) | (second << 4);        // values 4c (low) and 4c + 2 (high)
+              out[16 * c + 1] = (first >> 4) | (second & 0xF0);  // values 4c + 1 and 4c + 3
             }
           } else {
             for (int c = 0; c < 16; ++c) out[16 * c] = row[2 * c], out[16 * c + 1] = row[2 * c + 1];
