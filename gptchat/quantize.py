@@ -109,18 +109,28 @@ def int4_kernel_scales(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
 LANES = 8  # weight rows side by side in gptchat's kernel layout
 
 
+def lane_pairs(weight: torch.Tensor, blocks: int, int4: bool) -> torch.Tensor:
+    """A kernel-layout weight viewed as [groups, blocks, chunks, LANES, 2]: the byte pairs of each row."""
+    return weight.view(-1, blocks, 8 if int4 else 16, LANES, 2)
+
+
+def lane_values(pairs: torch.Tensor, int4: bool) -> torch.Tensor:
+    """One row's byte pairs [..., chunks, 2] as its values in column order [..., 32 per block]: int8, chunk c
+    holds values 2c, 2c + 1; int4, values 4c, 4c + 2 (low, high nibble of the first byte), 4c + 1, 4c + 3."""
+    if not int4:
+        return pairs.flatten(-2)
+    lo, hi = pairs[..., 0], pairs[..., 1]
+    return torch.stack((lo & 15, hi & 15, lo >> 4, hi >> 4), dim=-1).flatten(-2)
+
+
 def lanes_to_portable(weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, rows: int,
                       cols: int) -> dict[str, torch.Tensor]:
     """gptchat's kernel layout (quant_matmul.cpp: `to_lanes`) back to the portable tensors, by tensor ops: for
     a state_dict, an export, or PyTorch's kernels."""
     groups, blocks = weight.shape[0], cols // kernels.BLOCK
-    if offset is None:  # int8: chunk c holds each row's values 2c, 2c + 1
-        q = weight.view(groups, blocks, 16, LANES, 2).permute(0, 3, 1, 2, 4).reshape(groups * LANES, cols)
-    else:  # int4: chunk c holds each row's values 4c, 4c + 2 (low, high nibble) and 4c + 1, 4c + 3
-        pairs = weight.view(groups, blocks, 8, LANES, 2).permute(0, 3, 1, 2, 4)
-        lo, hi = pairs[..., 0], pairs[..., 1]
-        values = torch.stack((lo & 15, hi & 15, lo >> 4, hi >> 4), dim=-1).reshape(groups * LANES, cols)
-        q = pack_nibbles(values)
+    int4 = offset is not None
+    values = lane_values(lane_pairs(weight, blocks, int4).permute(0, 3, 1, 2, 4), int4).reshape(groups * LANES, cols)
+    q = pack_nibbles(values) if int4 else values
 
     def per_row(t):
         return t.view(groups, blocks, LANES).transpose(1, 2).reshape(groups * LANES, blocks)[:rows]
@@ -204,6 +214,23 @@ class KernelLayout:
                 setattr(self, name, t)
             self.lanes = True
             release_file_pages(portable, mappings)
+
+    def kernel_ready(self, ops) -> bool:
+        """Whether gptchat's kernel (`ops`, None where there is none) serves this layer; if it does, the tensors
+        are in its layout (converted now, the first time)."""
+        if ops is None or not (self.kernel_serves() and self.lanes_fit()):
+            return False
+        if not self.lanes:
+            self.to_lanes(ops)
+        return True
+
+    def lane_rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Rows `idx` from the kernel layout (row n is lane n % 8 of group n // 8): their values [..., blocks, 32]
+        and their scales (and offsets) [..., blocks]."""
+        blocks, int4 = self.in_features // kernels.BLOCK, len(self.PARTS) == 3
+        g, j = idx // LANES, idx % LANES
+        values = lane_values(lane_pairs(self.weight, blocks, int4)[g, :, :, j, :], int4)
+        return values, tuple(getattr(self, n).view(-1, blocks, LANES)[g, :, j] for n in self.PARTS[1:])
 
     def portable(self) -> dict[str, torch.Tensor]:
         """The tensors in the portable layout (converted back when the kernel layout is held)."""
@@ -303,8 +330,7 @@ class Int8Linear(KernelLayout, nn.Module):
 
     def dequantized(self, ops=None) -> torch.Tensor:
         """The float32 weights; with gptchat's kernel ops given, converted by them (the same values)."""
-        if ops is not None and self.kernel_serves() and self.lanes_fit():
-            self.to_lanes(ops)
+        if self.kernel_ready(ops):
             return ops.int8_dequantize(self.weight, self.scale, self.out_features, self.in_features)
         w, scale = self.portable().values()
         N, K = w.shape
@@ -312,12 +338,9 @@ class Int8Linear(KernelLayout, nn.Module):
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Dequantized rows `idx` (an embedding lookup)."""
-        if self.lanes:  # row n is lane n % 8 of group n // 8: its values 2c, 2c + 1 in chunk c of each block
-            blocks = self.in_features // kernels.BLOCK
-            g, j = idx // LANES, idx % LANES
-            w = self.weight.view(-1, blocks, 16, LANES, 2)[g, :, :, j, :].float()  # [..., blocks, 16, 2]
-            scale = self.scale.view(-1, blocks, LANES)[g, :, j]
-            return (w.flatten(-2) * scale[..., None]).flatten(-2)
+        if self.lanes:
+            q, (scale,) = self.lane_rows(idx)
+            return (q.float() * scale[..., None]).flatten(-2)
         w = self.weight[idx].float()
         return (w.unflatten(-1, (-1, self.group_size)) * self.scale[idx][..., None]).flatten(-2)
 
@@ -338,8 +361,7 @@ class Int8Linear(KernelLayout, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         per_row = self.group_size == self.in_features
         ops = own_kernel_for(x, self.in_features)
-        if ops is not None and self.kernel_serves() and self.lanes_fit():
-            self.to_lanes(ops)
+        if self.kernel_ready(ops):
             y = ops.int8_linear(x.reshape(-1, self.in_features).float(), self.weight, self.scale, self.out_features)
             return rows_output(x, y, self.bias)
         usable = int8_kernel_available() if per_row else int4_kernel_available() and int4_fits(
@@ -384,8 +406,7 @@ class Int4Linear(KernelLayout, nn.Module):
 
     def dequantized(self, ops=None) -> torch.Tensor:
         """The float32 weights; with gptchat's kernel ops given, converted by them (the same values)."""
-        if ops is not None and self.kernel_serves() and self.lanes_fit():
-            self.to_lanes(ops)
+        if self.kernel_ready(ops):
             return ops.int4_dequantize(self.weight, self.scale, self.offset, self.out_features, self.in_features)
         w, scale, offset = self.portable().values()
         N, K = self.out_features, self.in_features
@@ -393,14 +414,9 @@ class Int4Linear(KernelLayout, nn.Module):
         return (q * scale[..., None] + offset[..., None]).view(N, K)
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
-        if self.lanes:  # row n is lane n % 8 of group n // 8; chunk c: values 4c, 4c + 2 / 4c + 1, 4c + 3
-            blocks = self.in_features // kernels.BLOCK
-            g, j = idx // LANES, idx % LANES
-            pairs = self.weight.view(-1, blocks, 8, LANES, 2)[g, :, :, j, :]  # [..., blocks, 8, 2]
-            lo, hi = pairs[..., 0], pairs[..., 1]
-            q = torch.stack((lo & 15, hi & 15, lo >> 4, hi >> 4), dim=-1).flatten(-2).float()  # [..., blocks, 32]
-            scale, offset = (t.view(-1, blocks, LANES)[g, :, j] for t in (self.scale, self.offset))
-            return (q * scale[..., None] + offset[..., None]).flatten(-2)
+        if self.lanes:
+            q, (scale, offset) = self.lane_rows(idx)
+            return (q.float() * scale[..., None] + offset[..., None]).flatten(-2)
         q = torch.stack((self.weight[idx] & 15, self.weight[idx] >> 4), dim=-1).flatten(-2).float()
         q = q.unflatten(-1, (-1, self.group_size))
         return (q * self.scale[idx][..., None] + self.offset[idx][..., None]).flatten(-2)
@@ -413,8 +429,7 @@ class Int4Linear(KernelLayout, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = own_kernel_for(x, self.in_features)
-        if ops is not None and self.kernel_serves() and self.lanes_fit():
-            self.to_lanes(ops)
+        if self.kernel_ready(ops):
             y = ops.int4_linear(x.reshape(-1, self.in_features).float(), self.weight, self.scale, self.offset,
                                 self.out_features)
             return rows_output(x, y, self.bias)
