@@ -48,12 +48,12 @@ import torch.nn as nn
 from . import kernels
 from .cpu import cpu_flags
 from .model import GPT, KVCache
-from .quantize import KERNEL_ROWS, SMALL_BATCH, use_kernel_layout
+from .quantize import SMALL_BATCH, use_kernel_layout
 
 PACKAGE_VERSION = 2  # bump when the step's graph changes in a way the fingerprint cannot see
-# rows of the batched step: beyond this, the quantized layers take another path (PyTorch's kernels serve at most
-# SMALL_BATCH rows, gptchat's KERNEL_ROWS), which a graph traced with fewer rows does not hold
-MAX_BATCH = min(KERNEL_ROWS, SMALL_BATCH)
+# rows of the batched step: beyond this, the quantized layers take another path where gptchat's kernel is
+# unavailable (PyTorch's kernels serve at most SMALL_BATCH rows), which a graph traced with fewer rows does not hold
+MAX_BATCH = SMALL_BATCH
 
 
 class StepCache:

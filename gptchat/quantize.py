@@ -10,11 +10,12 @@ Both dequantize exactly as llama.cpp's GGUF blocks do (Q8_0: d * q; Q4_0: d * (q
 those blocks load without any loss (`from_blocks`). From float weights, int8 is symmetric and int4 min/max,
 both per group of GROUP_SIZE columns.
 
-Matmuls: a few rows (decoding) go through gptchat's own kernel where it builds (gptchat/kernels: AVX2, integer
-activations), else through PyTorch's weight-only CPU kernels, which are fast only with
-bfloat16 activations: `aten._weight_int8pack_mm` (int8 with one scale per row) and
-`aten._weight_int4pack_mm_for_cpu` (int4 groups; int8 groups run on it too, as two 4-bit halves). Many rows
-(a prompt) are compute-bound: the weight is dequantized to float32 and multiplied as usual. PyTorch's kernels'
+Matmuls: on the CPU, decoding and prompts alike go through gptchat's own kernel where it builds
+(gptchat/kernels: AVX2, integer activations). Without it, a few rows (decoding) go through PyTorch's
+weight-only CPU kernels, which are fast only with bfloat16 activations: `aten._weight_int8pack_mm` (int8 with
+one scale per row) and `aten._weight_int4pack_mm_for_cpu` (int4 groups; int8 groups run on it too, as two
+4-bit halves); more rows (a prompt), and other devices, dequantize the weight to float32 and multiply as
+usual. PyTorch's kernels'
 packed layout depends on the CPU's vector width, so checkpoints store the portable form above and the
 kernel form is derived in memory on first use. gptchat's kernel reads 8 weight rows side by side (its "lanes"
 layout): a layer converts to it on its first use by the kernel and then holds only that form in memory; its
@@ -38,7 +39,6 @@ from .errors import InvalidParameterError
 QUANT_MODES = ("none", "int8", "int4")
 GROUP_SIZE = 32  # int4 columns sharing a scale and an offset (llama.cpp's Q4_0/Q4_1 blocks are 32 too)
 SMALL_BATCH = 16  # at most this many rows go through PyTorch's weight-only kernels; more are dequantized
-KERNEL_ROWS = 32  # gptchat's kernel (gptchat/kernels) beats dequantize + matmul up to this many rows
 PACK_ROWS = 4096  # rows converted to the int4 kernel layout at a time (bounds the int32 temporary)
 
 
@@ -274,19 +274,14 @@ def few_rows(x: torch.Tensor, in_features: int) -> bool:
 
 
 def own_kernel_for(x: torch.Tensor, in_features: int):
-    """gptchat's kernel ops if they should multiply x, else None: on the CPU, up to KERNEL_ROWS rows (decoding,
-    batches, short prompts). There it beat PyTorch's int4 kernel at every row count from 1 to 16 (1.4-1.6x with
-    2 threads), and dequantize + float32 matmul below ~64 rows."""
-    if x.device.type != "cpu" or x.numel() // in_features > KERNEL_ROWS:
+    """gptchat's kernel ops if they should multiply x (on the CPU: decoding, batches and prompts alike), else
+    None. With the weights in its lanes layout it beat PyTorch's int4 kernel at every row count from 1 to 16, and
+    dequantize + float32 matmul at every row count up to a 512-token prompt chunk (int4, SmolLM2's layers,
+    2 threads: 2.4x at 64 rows, 1.5x at 128, 1.08x at 512; int8: 1.5-3.1x at 64, 1.0-1.4x at 512, the head 1.5x
+    at 512). It also never materializes a layer's weights in float32."""
+    if x.device.type != "cpu":
         return None
     return kernels.ops()
-
-
-def float_weight(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's weights in float32 to multiply x (many rows: a prompt): converted by gptchat's kernel in one
-    parallel pass on the CPU (~10x faster than the chain of tensor ops), else by those ops."""
-    on_cpu = x.device.type == "cpu" and layer.weight.device.type == "cpu"
-    return layer.dequantized(kernels.ops() if on_cpu else None)
 
 
 def rows_output(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -328,10 +323,8 @@ class Int8Linear(KernelLayout, nn.Module):
         """gptchat's kernel takes scales per block of 32 columns, or per row."""
         return self.in_features % kernels.BLOCK == 0 and self.group_size in (kernels.BLOCK, self.in_features)
 
-    def dequantized(self, ops=None) -> torch.Tensor:
-        """The float32 weights; with gptchat's kernel ops given, converted by them (the same values)."""
-        if self.kernel_ready(ops):
-            return ops.int8_dequantize(self.weight, self.scale, self.out_features, self.in_features)
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weights."""
         w, scale = self.portable().values()
         N, K = w.shape
         return (w.float().view(N, -1, self.group_size) * scale[..., None]).view(N, K)
@@ -374,7 +367,7 @@ class Int8Linear(KernelLayout, nn.Module):
             else:
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.cat((x2, x2), dim=1), w, self.group_size, s)
             return rows_output(x, y, self.bias)
-        return F.linear(x, float_weight(self, x).to(x.dtype), self.bias)
+        return F.linear(x, self.dequantized().to(x), self.bias)
 
 
 class Int4Linear(KernelLayout, nn.Module):
@@ -404,10 +397,8 @@ class Int4Linear(KernelLayout, nn.Module):
         """gptchat's kernel takes groups of 32 columns."""
         return self.group_size == kernels.BLOCK and self.in_features % kernels.BLOCK == 0
 
-    def dequantized(self, ops=None) -> torch.Tensor:
-        """The float32 weights; with gptchat's kernel ops given, converted by them (the same values)."""
-        if self.kernel_ready(ops):
-            return ops.int4_dequantize(self.weight, self.scale, self.offset, self.out_features, self.in_features)
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weights."""
         w, scale, offset = self.portable().values()
         N, K = self.out_features, self.in_features
         q = unpack_nibbles(w).float().view(N, -1, self.group_size)
@@ -438,7 +429,7 @@ class Int4Linear(KernelLayout, nn.Module):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x.reshape(-1, self.in_features).to(torch.bfloat16), w, self.group_size, s)
             return rows_output(x, y, self.bias)
-        return F.linear(x, float_weight(self, x).to(x.dtype), self.bias)
+        return F.linear(x, self.dequantized().to(x), self.bias)
 
 
 QUANTIZED_LINEARS = (Int8Linear, Int4Linear)

@@ -112,14 +112,6 @@ def register_fakes() -> None:
     def _(x, weight, scale, N):
         return x.new_empty(x.shape[0], N)
 
-    @torch.library.register_fake("gptchat::int4_dequantize")
-    def _(weight, scale, offset, N, K):
-        return scale.new_empty(N, K)
-
-    @torch.library.register_fake("gptchat::int8_dequantize")
-    def _(weight, scale, N, K):
-        return scale.new_empty(N, K)
-
     @torch.library.register_fake("gptchat::gqa_scores")
     def _(q, k):
         return q.new_empty(q.shape[0], q.shape[1], k.shape[2])
@@ -135,7 +127,7 @@ def disabled() -> bool:
 
 
 def ops():
-    """torch.ops.gptchat (to_lanes, int4_linear, int8_linear, int4_dequantize, int8_dequantize, gqa_scores, gqa_mix), or None: unsupported, failed to build, or GPTCHAT_KERNELS=aten."""
+    """torch.ops.gptchat (to_lanes, int4_linear, int8_linear, gqa_scores, gqa_mix), or None: unsupported, failed to build, or GPTCHAT_KERNELS=aten."""
     if disabled():
         return None
     if not _loaded:
