@@ -3,7 +3,7 @@
 One step turns the model's last-position logits into one token id, in this order:
 
     logit_bias -> repetition penalty -> presence/frequency penalty -> no-repeat-ngram ban
-    -> greedy argmax, or: temperature -> top-k -> top-p -> min-p -> multinomial draw
+    -> greedy argmax, or: temperature -> top-k -> top-p -> min-p -> a draw from the distribution
 
 The processors follow the reference semantics of Hugging Face `generate` (repetition penalty,
 no-repeat-ngram, top-k/top-p/min-p) and of the OpenAI API (logit_bias, presence/frequency penalty),
@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from gptchat.errors import ContextLengthError, InvalidParameterError
@@ -176,15 +177,40 @@ def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
 def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probabilities sum to >= p (at least one).
 
-    Computed as HF's TopPLogitsWarper does (ascending sort, drop the tail whose cumulative probability
-    is <= 1 - p) so the kept set is the same, ties and rounding included.
+    The rule is HF's TopPLogitsWarper's: with the probabilities in ascending order, drop each token whose
+    cumulative probability is <= 1 - p, the most likely token never. A token's cumulative probability is the
+    total less the mass of the tokens above it, so only the top few need ordering: a partial sort (topk) of
+    64 tokens, then 1024 (unless too few), then all, until the cut falls inside. With a 49152-token vocabulary a full sort took
+    ~5 ms a token here, the top 64 ~0.3 ms. The kept set is HF's, except where a token's cumulative probability
+    is within float rounding of 1 - p, and among tokens tied at the cut, where the order of a sort decides.
     """
-    sorted_logits, sorted_idx = torch.sort(logits, descending=False, dim=-1)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    remove_sorted = cumulative <= (1 - p)
-    remove_sorted[..., -1:] = False
-    remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)
-    return logits.masked_fill(remove, -math.inf)
+    probs = logits.softmax(dim=-1)
+    total = probs.sum(dim=-1, keepdim=True, dtype=torch.float64)
+    limit = torch.tensor(1 - p, dtype=torch.float32)  # HF compares float32 sums with 1 - p as a float32
+    vocab, k = logits.size(-1), min(64, logits.size(-1))
+    while True:
+        top, idx = probs.topk(k, dim=-1) if k < vocab else sort_descending(probs)
+        top64 = top.double()
+        above = top64.cumsum(dim=-1) - top64  # the mass of the tokens ranked above each one
+        keep = (total - above).float() > limit
+        keep[..., 0] = True
+        if k == vocab or not keep[..., -1].any():  # every row's cut is inside the top k
+            break
+        # the tokens below are no likelier than the k-th: at least this many more are needed (a flat
+        # distribution goes straight to the full sort)
+        needed = (total - limit - top64.sum(dim=-1, keepdim=True)) / top64[..., -1:]
+        k = 1024 if k < 1024 <= vocab and needed.max() <= 1024 - k else vocab
+    kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, idx, keep)
+    return logits.masked_fill(~kept, -math.inf)
+
+
+def sort_descending(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x sorted along its last dimension, largest first, and the indices; on the CPU through NumPy's argsort
+    (~1.8 ms over a 49152-token vocabulary here, torch.sort ~4.8 ms)."""
+    if x.device.type != "cpu":
+        return x.sort(dim=-1, descending=True)
+    idx = torch.from_numpy(np.argsort(-x.numpy(), axis=-1))
+    return x.gather(-1, idx), idx
 
 
 def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
@@ -283,7 +309,7 @@ class TokenSampler:
     def __call__(self, logits: torch.Tensor) -> int:
         """Pick the next token from 1-D logits [V >= vocab_size], record it and return it."""
         x = self.processed_logits(logits)
-        token = int(x.argmax()) if self.params.greedy else self._sample(x)
+        token = argmax(x) if self.params.greedy else self._sample(x)
         self.accept(token)
         return token
 
@@ -302,8 +328,24 @@ class TokenSampler:
                 self._generator.seed()
             else:
                 self._generator.manual_seed(p.seed & 0xFFFF_FFFF_FFFF_FFFF)
-        probs = x.softmax(dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self._generator))
+        return draw(x.softmax(dim=-1), self._generator)
+
+
+def argmax(x: torch.Tensor) -> int:
+    """The index of the largest value of 1-D x (the first, if tied; NaN counts as largest, as torch's). On the
+    CPU through NumPy: torch's argmax took ~60 us over a 49152-token vocabulary here, NumPy's ~5."""
+    return int(x.numpy().argmax()) if x.device.type == "cpu" else int(x.argmax())
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """One token drawn from 1-D probabilities, by inverting their cumulative sum at a uniform number: the
+    first token whose cumulative probability exceeds u * total. torch.multinomial took ~1.7 ms a token over a
+    49152-token vocabulary here; this ~0.1 ms. Float64 sums keep small probabilities their share."""
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)
+    u = torch.rand((), generator=generator, dtype=torch.float64, device=probs.device)
+    token = torch.searchsorted(cdf, (u * cdf[-1]).reshape(1), right=True)
+    last = torch.searchsorted(cdf, cdf[-1:])  # the last token with any probability: u * total may round up to it
+    return int(torch.minimum(token, last))
 
 
 def sample_batch(samplers: list[TokenSampler], logits: torch.Tensor) -> list[int]:
