@@ -27,6 +27,10 @@ Figures (medians over --repeats; prefill and decode also over --rounds, see belo
                    steps counts; prefill does not). Greedy, forced to run every step:
                    gptchat via SamplingParams(temperature=0, logit_bias={eos: -100 for each eos id}),
                    transformers via min_new_tokens=max_new_tokens, llama.cpp with its eos logit at -inf.
+                   The sampled figure (short prompt) draws at temperature 0.7 with top-p 0.9, as a chat
+                   does, so the sampler's time counts: gptchat's TokenSampler, transformers' generate with
+                   do_sample (top_k=0), llama.cpp's own sampler chain (eos bias, temperature, top-p, dist),
+                   each seeded.
     first gen.     wall time of a first 8-token generation after load: in a user's first run (gptchat: its
                    own subprocess on the fresh cache, so the one-time builds of the kernel and the compiled
                    step are in it) and in later runs (the benchmark subprocess, which finds them cached).
@@ -104,6 +108,8 @@ BATCH_PROMPTS = [
     "What is two plus two? Answer with a number and explain how you know.",
 ]
 
+SAMPLED_TEMPERATURE, SAMPLED_TOP_P, SAMPLED_SEED = 0.7, 0.9, 1234  # the sampled decode figure's settings
+
 ROWS = [  # key, label, unit, better
     ("load_cold_s", "load, first (empty cache)", "s", "lower"),
     ("load_cached_s", "load, cached", "s", "lower"),
@@ -111,6 +117,7 @@ ROWS = [  # key, label, unit, better
     ("ttft_ms", "time to first token, {P}-token prompt", "ms", "lower"),
     ("decode_short_tps", "decode batch 1, {S}-token prompt", "tok/s", "higher"),
     ("decode_long_tps", "decode batch 1, {P}-token prompt", "tok/s", "higher"),
+    ("decode_sampled_tps", "decode batch 1, sampled (temperature 0.7, top-p 0.9), {S}-token prompt", "tok/s", "higher"),
     ("decode_batch_tps", "decode batch {B} aggregate, short prompts", "tok/s", "higher"),
     ("warmup_s", "first generation, 8 tokens, first run (builds included)", "s", "lower"),
     ("warmup_cached_s", "first generation, 8 tokens, later runs", "s", "lower"),
@@ -175,6 +182,10 @@ class Adapter:
         """Greedy, exactly n new tokens (end-of-turn suppressed)."""
         raise NotImplementedError
 
+    def generate_sampled(self, ids: list[int], n: int) -> list[int]:
+        """Exactly n new tokens drawn at temperature SAMPLED_TEMPERATURE with top-p SAMPLED_TOP_P, seeded."""
+        raise NotImplementedError
+
     def generate_batch(self, prompts: list[list[int]], n: int) -> list[list[int]]:
         raise NotImplementedError
 
@@ -199,9 +210,10 @@ class GptchatAdapter(Adapter):
     def encode(self, text):
         return self.gptchat.Engine(self.lm).encode(text)
 
-    def params(self, n):
+    def params(self, n, **sampling):
         return self.gptchat.SamplingParams(
-            max_new_tokens=n, temperature=0, stop_token_ids=(), logit_bias={i: -100 for i in self.eos_ids}
+            max_new_tokens=n, stop_token_ids=(), logit_bias={i: -100 for i in self.eos_ids},
+            **(sampling or {"temperature": 0}),
         )
 
     def engine(self):
@@ -229,12 +241,15 @@ class GptchatAdapter(Adapter):
         if self.compile and any(d.failed for d in self.decoders):
             raise RuntimeError("a compiled decode step failed (see the warning above); nothing to measure")
 
-    def generate(self, ids, n):
-        r = self.engine().generate(ids, self.params(n))
+    def generate(self, ids, n, **sampling):
+        r = self.engine().generate(ids, self.params(n, **sampling))
         self._check_compiled()
         if r.finish_reason != "length" or len(r.token_ids) != n:
             raise RuntimeError(f"gptchat stopped early: {r.finish_reason}, {len(r.token_ids)}/{n} tokens")
         return r.token_ids
+
+    def generate_sampled(self, ids, n):
+        return self.generate(ids, n, temperature=SAMPLED_TEMPERATURE, top_p=SAMPLED_TOP_P, seed=SAMPLED_SEED)
 
     def generate_batch(self, prompts, n):
         results = self.engine().generate_batch(prompts, self.params(n))
@@ -284,17 +299,21 @@ class TransformersAdapter(Adapter):
     def encode(self, text):
         return self.tok(text, add_special_tokens=True)["input_ids"]
 
-    def _generate(self, ids, mask, n):
+    def _generate(self, ids, mask, n, **sampling):
         with self.torch.inference_mode():
             return self.model.generate(
-                input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                pad_token_id=self.pad_id,
+                input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                pad_token_id=self.pad_id, **(sampling or {"do_sample": False}),
             )
 
-    def generate(self, ids, n):
+    def generate(self, ids, n, **sampling):
         t = self.torch.tensor([ids])
-        out = self._generate(t, self.torch.ones_like(t), n)
+        out = self._generate(t, self.torch.ones_like(t), n, **sampling)
         return out[0, len(ids):].tolist()
+
+    def generate_sampled(self, ids, n):
+        self.torch.manual_seed(SAMPLED_SEED)
+        return self.generate(ids, n, do_sample=True, temperature=SAMPLED_TEMPERATURE, top_p=SAMPLED_TOP_P, top_k=0)
 
     def generate_batch(self, prompts, n):
         longest = max(len(p) for p in prompts)
@@ -340,15 +359,33 @@ class LlamaCppAdapter(Adapter):
         logits[self.eos_ids] = -np.inf
         return int(logits.argmax())
 
-    def generate(self, ids, n):
+    def generate(self, ids, n, pick=None):
         self.llm.reset()
         self._eval(list(ids))
         out = []
         while True:
-            out.append(self._greedy(self.llm.ctx, -1))
+            out.append(pick() if pick else self._greedy(self.llm.ctx, -1))
             if len(out) == n:
                 return out
             self._eval([out[-1]])
+
+    def generate_sampled(self, ids, n):
+        """llama.cpp's sampler chain, in the order that gives HF's (and gptchat's) semantics: end-of-turn
+        banned, temperature, then top-p, then the seeded draw."""
+        import llama_cpp
+
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        bias = (llama_cpp.llama_logit_bias * len(self.eos_ids))(
+            *[llama_cpp.llama_logit_bias(t, -float("inf")) for t in self.eos_ids])
+        for sampler in (llama_cpp.llama_sampler_init_logit_bias(self.n_vocab, len(self.eos_ids), bias),
+                        llama_cpp.llama_sampler_init_temp(SAMPLED_TEMPERATURE),
+                        llama_cpp.llama_sampler_init_top_p(SAMPLED_TOP_P, 1),
+                        llama_cpp.llama_sampler_init_dist(SAMPLED_SEED)):
+            llama_cpp.llama_sampler_chain_add(chain, sampler)
+        try:
+            return self.generate(ids, n, pick=lambda: llama_cpp.llama_sampler_sample(chain, self.llm.ctx, -1))
+        finally:
+            llama_cpp.llama_sampler_free(chain)
 
     def _batch_context(self, rows, per_row):
         """A second context on the same weights, for `rows` sequences of up to `per_row` tokens each (Llama's
@@ -491,6 +528,7 @@ def child_bench(spec: dict) -> dict:
     res["rss_gen_mib"] = peak_rss_mib()
     log(f"[{tag}] peak RSS after load + a generation: {res['rss_gen_mib']:.0f} MiB")
     run(adapter.generate, long_ids, 2)
+    run(adapter.generate_sampled, short_ids, 2)
     try:  # the batched path's first-call costs too (gptchat +compile: its batched step, built if not cached)
         _, wall, _ = run(adapter.generate_batch, batch_ids, 2)
         log(f"[{tag}] warm-up batch generation (2 tokens): {wall:.1f} s")
@@ -498,7 +536,8 @@ def child_bench(spec: dict) -> dict:
         log(f"[{tag}] warm-up batch generation failed: {e}")
 
     samples: dict[str, list[float]] = {k: [] for k in ("prefill_tps", "ttft_ms", "decode_short_tps",
-                                                       "decode_long_tps", "decode_batch_tps")}
+                                                       "decode_long_tps", "decode_sampled_tps",
+                                                       "decode_batch_tps")}
     tokens: dict[str, list] = {}
 
     def decode_rate(calls, steps, rows):
@@ -517,6 +556,10 @@ def child_bench(spec: dict) -> dict:
         samples["decode_short_tps"].append(decode_rate(calls, n, 1))
         tokens.setdefault("short", out)
         log(f"[{tag}] {r + 1}/{repeats} decode, {len(short_ids)}-token prompt: {samples['decode_short_tps'][-1]:.1f} tok/s")
+
+        out, wall, calls = run(adapter.generate_sampled, short_ids, n + 1)
+        samples["decode_sampled_tps"].append(decode_rate(calls, n, 1))
+        log(f"[{tag}] {r + 1}/{repeats} decode, sampled: {samples['decode_sampled_tps'][-1]:.1f} tok/s")
 
         out, wall, calls = run(adapter.generate, long_ids, n + 1)
         samples["decode_long_tps"].append(decode_rate(calls, n, 1))
