@@ -44,22 +44,39 @@ struct QuantizedRows {  // x [M, K] per block of 32: x ~= q * d; sum = d * sum(q
   std::vector<float> d, sum;
 };
 
+// The maximum of |x| over a block of 32, and the block as int16 (round to nearest even, as std::nearbyint)
+// with the sum of its values; vectorized, the same numbers as the scalar loop.
+inline float block_amax(const float* xb) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 m = _mm256_andnot_ps(sign, _mm256_loadu_ps(xb));
+  for (int j = 8; j < BLOCK; j += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + j)));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+
 QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
   const int64_t blocks = M * K / BLOCK;
   QuantizedRows r{std::vector<int16_t>(M * K), std::vector<float>(blocks), std::vector<float>(blocks)};
   for (int64_t i = 0; i < blocks; ++i) {
     const float* xb = x + i * BLOCK;
-    float amax = 0.f;
-    for (int j = 0; j < BLOCK; ++j) amax = std::max(amax, std::fabs(xb[j]));
-    const float inv = amax > 0.f ? STEPS / amax : 0.f;
-    int sum = 0;
-    for (int j = 0; j < BLOCK; ++j) {
-      const int q = static_cast<int>(std::nearbyint(xb[j] * inv));
-      r.q[i * BLOCK + j] = static_cast<int16_t>(q);
-      sum += q;
+    const float amax = block_amax(xb);
+    const __m256 inv = _mm256_set1_ps(amax > 0.f ? STEPS / amax : 0.f);
+    __m256i q[4], sum = _mm256_setzero_si256();
+    for (int j = 0; j < 4; ++j) {
+      q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 8 * j), inv));  // |q| <= 32767
+      sum = _mm256_add_epi32(sum, q[j]);
     }
+    // packs interleaves 128-bit halves: [q0 lo, q1 lo, q0 hi, q1 hi]; the permute puts them back in order
+    for (int j = 0; j < 2; ++j)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(r.q.data() + i * BLOCK + 16 * j),
+                          _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2 * j], q[2 * j + 1]), 0xD8));
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
     r.d[i] = amax / STEPS;
-    r.sum[i] = r.d[i] * static_cast<float>(sum);
+    r.sum[i] = r.d[i] * static_cast<float>(_mm_cvtsi128_si32(s));
   }
   return r;
 }
@@ -265,11 +282,20 @@ void check_attention(const at::Tensor& a, const at::Tensor& kv, const char* what
               kv.stride(3) == 1, what, ": float32 [B, H, *] and [B, Hkv, S, D], H / Hkv <= 8, D contiguous");
 }
 
+// Each task reads its keys (or value columns) row after row, a cache line or four per row: asking for the row
+// 8 ahead made the 30 layers' ops ~15% faster at 700 cached tokens (the prefetch past the last row is harmless).
+constexpr int64_t AHEAD = 8;
+
+inline void prefetch_row(const float* row, int64_t n) {
+  for (int64_t at = 0; at < n; at += 16) _mm_prefetch(reinterpret_cast<const char*>(row + at), _MM_HINT_T0);
+}
+
 // scores[b, kh * G + g, s] = q[b, kh * G + g] . k[b, kh, s] for keys s0 <= s < s1
 template <int G>
 void scores_of(const float* q, const float* k, int64_t k_row, int64_t D, int64_t s0, int64_t s1, float* out, int64_t S) {
   for (int64_t s = s0; s < s1; ++s) {
     const float* kr = k + s * k_row;
+    prefetch_row(kr + AHEAD * k_row, D);
     __m256 acc[G];
     for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
     for (int64_t d = 0; d < D; d += 8) {
@@ -288,6 +314,7 @@ void mix_of(const float* p, const float* v, int64_t v_row, int64_t S, float* out
     for (int j = 0; j < NV; ++j) acc[g][j] = _mm256_setzero_ps();
   for (int64_t s = 0; s < S; ++s) {
     const float* vr = v + s * v_row;
+    prefetch_row(vr + AHEAD * v_row, 8 * NV);
     __m256 vs[NV];
     for (int j = 0; j < NV; ++j) vs[j] = _mm256_loadu_ps(vr + 8 * j);
     for (int g = 0; g < G; ++g) {
