@@ -66,8 +66,8 @@ class StepCache:
         self.ks, self.vs, self.pos, self.window = ks, vs, pos, window
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        self.ks[layer][:, :, self.pos] = k
-        self.vs[layer][:, :, self.pos] = v
+        self.ks[layer][:, :, self.pos] = k.to(self.ks[layer].dtype)
+        self.vs[layer][:, :, self.pos] = v.to(self.vs[layer].dtype)
         return self.ks[layer][:, :, : self.window], self.vs[layer][:, :, : self.window]
 
 
@@ -144,7 +144,7 @@ def fingerprint(model: GPT) -> str:
         h.update((here / name).read_bytes())
     outside = weights_outside()
     h.update(b"own kernel, weights outside" if outside else b"aten kernels, weights embedded")
-    h.update(f"{PACKAGE_VERSION}|{torch.__version__}|{sorted(cpu_flags())}".encode())
+    h.update(f"{PACKAGE_VERSION}|{torch.__version__}|{sorted(cpu_flags())}|{model.cache_dtype()}".encode())
     h.update(repr(sorted(model.config.to_dict().items())).encode())
     if outside:
         use_kernel_layout(model)  # the tensors as the package reads them (not the state dict's portable form)
@@ -183,7 +183,7 @@ def exported_step(model: GPT, batched: bool):
     config = model.config
     capacity, rows = min(config.max_seq_len, 64), 2 if batched else 1
     shape = (rows, config.n_kv_head, capacity, config.head_dim)
-    caches = tuple(torch.zeros(shape) for _ in range(2 * config.n_layer))  # separate tensors: no aliasing
+    caches = tuple(torch.zeros(shape, dtype=model.cache_dtype()) for _ in range(2 * config.n_layer))  # no aliasing
     dim = torch.export.Dim("capacity", min=2, max=config.max_seq_len)
     window = torch.export.Dim("window", min=2, max=config.max_seq_len)
     column = capacity // 2
@@ -239,6 +239,7 @@ class CompiledDecoder:
         self.announce = announce
         self.failed = False
         self._runner = None
+        self.cache_dtype = model.cache_dtype()  # the package's cache tensors (others decode eagerly)
 
     def _fail(self, what: str, e: Exception) -> None:
         self.failed = True
@@ -295,7 +296,7 @@ class CompiledDecoder:
     @torch.inference_mode()
     def __call__(self, token: int, cache: KVCache) -> torch.Tensor | None:
         """The next logits [vocab] (the cache advanced by one), or None to decode eagerly instead."""
-        if cache.batch_size != 1 or cache.length < 1 or self.load() is None:
+        if cache.batch_size != 1 or cache.length < 1 or self.load() is None or cache.dtype != self.cache_dtype:
             return None
         pos = cache.length
         cache.reserve(pos + 1)
@@ -325,7 +326,7 @@ class CompiledBatchDecoder(CompiledDecoder):
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor,
                  cache: KVCache) -> torch.Tensor | None:
         """Logits [B, vocab] for tokens and positions [B, 1]; key_mask [B, cache.length + 1] marks real keys."""
-        if not 2 <= cache.batch_size <= MAX_BATCH or self.load() is None:
+        if not 2 <= cache.batch_size <= MAX_BATCH or self.load() is None or cache.dtype != self.cache_dtype:
             return None
         column = cache.length
         cache.reserve(column + 1)

@@ -171,7 +171,7 @@ class Engine:
     def _prefill(self, prompt_ids: list[int], total: int) -> torch.Tensor:
         """Run the prompt through the model, reusing the cached prefix; return the last position's logits."""
         if self._cache is None:
-            self._cache = KVCache(self.lm.config, 1, min(total, CACHE_START))
+            self._cache = self.model.new_cache(1, min(total, CACHE_START))
         shared = 0
         for a, b in zip(self._cached_ids, prompt_ids):
             if a != b:
@@ -239,7 +239,7 @@ class Engine:
         ids = torch.tensor([[pad] * (longest - len(p)) + list(p) for p in prompts])
         key_mask = torch.tensor([[False] * (longest - len(p)) + [True] * len(p) for p in prompts])
         positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
-        cache = KVCache(self.lm.config, len(prompts), min(longest + max(o.budget for o in outs), CACHE_START))
+        cache = self.model.new_cache(len(prompts), min(longest + max(o.budget for o in outs), CACHE_START))
         logits = self.model(ids, cache=cache, positions=positions, key_mask=key_mask, last_only=True)[:, -1]
         batch = DecodeBatch(self.model, self.decoder, self.batch_decoder)
         batch.join(cache, key_mask, outs, [out.step(row) for out, row in zip(outs, logits)])

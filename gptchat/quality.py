@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .model import GPT, KVCache
+from .model import GPT
 from .quantize import SMALL_BATCH
 
 GUARD_ROWS = SMALL_BATCH  # rows per forward call: the decode kernels' path
@@ -57,7 +57,7 @@ class QualityReport:
 @torch.inference_mode()
 def token_logits(model: GPT, ids: list[int], rows: int = GUARD_ROWS) -> torch.Tensor:
     """Float32 logits [len(ids), vocab] for every position, computed `rows` tokens per forward call."""
-    cache = KVCache(model.config, 1, len(ids))
+    cache = model.new_cache(1, len(ids))  # as decoding uses it (float16 for quantized models)
     parts = [model(torch.tensor([ids[i : i + rows]]), cache=cache)[0] for i in range(0, len(ids), rows)]
     return torch.cat(parts).float()
 

@@ -41,7 +41,7 @@ def test_compiled_equals_eager(tiny_llama_dir, quant, monkeypatch):
     assert len(calls) >= len(eager.token_ids) - 1
     monkeypatch.undo()
     # the logits themselves stay close to eager ones (fused float32 loops add in another order)
-    cache_a, cache_b = gptchat.model.KVCache(lm.config, 1, 8), gptchat.model.KVCache(lm.config, 1, 8)
+    cache_a, cache_b = lm.model.new_cache(1, 8), lm.model.new_cache(1, 8)
     with torch.inference_mode():
         lm.model(torch.tensor([PROMPT]), cache=cache_a)
         lm.model(torch.tensor([PROMPT]), cache=cache_b)
@@ -101,7 +101,7 @@ def test_compiled_batch_equals_eager(tiny_llama_dir, monkeypatch):
     with torch.inference_mode():
         for step in range(40):
             for i in [i for i, at in join_at.items() if at == step]:
-                cache = gptchat.model.KVCache(lm.config, 1, len(prompts[i]))
+                cache = lm.model.new_cache(1, len(prompts[i]))
                 delta = outs[i].step(engine.prefill_chunk(cache, prompts[i]))
                 batch.join(cache, torch.ones(1, len(prompts[i]), dtype=torch.bool), [outs[i]], [delta])
             if batch:
@@ -112,7 +112,7 @@ def test_compiled_batch_equals_eager(tiny_llama_dir, monkeypatch):
     ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])
     key_mask = ids != 0
     positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
-    caches = [gptchat.model.KVCache(lm.config, 2, 8) for _ in range(2)]
+    caches = [lm.model.new_cache(2, 8) for _ in range(2)]
     with torch.inference_mode():
         for cache in caches:
             lm.model(ids, cache=cache, positions=positions, key_mask=key_mask)
@@ -199,6 +199,6 @@ def test_bf16_prefill_stays_close(tiny_llama_dir, monkeypatch):
     monkeypatch.setenv("GPTCHAT_PREFILL_DTYPE", "bfloat16")
     bf16 = Engine(lm)
     approx = bf16._prefill(list(range(3, 40)), 50)
-    assert approx.dtype == torch.float32 and bf16._cache.k.dtype == torch.float32
+    assert approx.dtype == torch.float32 and bf16._cache.k.dtype == lm.model.cache_dtype()  # not bfloat16
     assert (approx - exact).abs().max() < 0.05 * exact.abs().max()
     assert Engine(lm).generate(PROMPT, params).token_ids == expected

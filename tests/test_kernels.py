@@ -22,7 +22,7 @@ ROWS = [1, 3, 6, 16, 37]  # tiles of 4, 3, 2 and 1 rows of x; 37: a prompt
 @pytest.fixture(scope="module")
 def ops():
     if not kernels.cpu_supported():
-        pytest.skip("the kernel needs AVX2 and FMA")
+        pytest.skip("the kernel needs AVX2, FMA and F16C")
     ops = kernels.ops()
     assert ops is not None, "the kernel did not build (see the log)"
     return ops
@@ -170,22 +170,26 @@ def test_a_damaged_library_is_built_again(monkeypatch, caplog, tmp_path):
 @pytest.mark.parametrize("head_dim", [64, 16])  # 32 columns per task, or 8
 @pytest.mark.parametrize("group", [1, 3, 8])
 @pytest.mark.parametrize("keys", [1, 7, 300])
-def test_decode_attention_ops_equal_sdpa(ops, group, keys, head_dim):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # the cache's
+def test_decode_attention_ops_equal_sdpa(ops, group, keys, head_dim, dtype):
     """One query per row over a cache (views of a larger capacity, as the KV cache hands them out): gqa_scores,
-    softmax and gqa_mix give PyTorch's scaled_dot_product_attention with enable_gqa."""
+    softmax and gqa_mix give PyTorch's scaled_dot_product_attention with enable_gqa; a float16 cache gives
+    what PyTorch computes on its values in float32."""
     B, kv_heads, D, capacity = 2, 2, head_dim, 512
     g = torch.Generator().manual_seed(keys * group)
-    cache_k, cache_v = torch.randn(2, B, kv_heads, capacity, D, generator=g)
+    cache_k, cache_v = torch.randn(2, B, kv_heads, capacity, D, generator=g).to(dtype).float()
     k, v = cache_k[:, :, :keys], cache_v[:, :, :keys]
     q = torch.randn(B, kv_heads * group, 1, D, generator=g)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=group > 1)
+    k, v = cache_k.to(dtype)[:, :, :keys], cache_v.to(dtype)[:, :, :keys]
     scores = ops.gqa_scores(q[:, :, 0] * D**-0.5, k)
     assert scores.shape == (B, kv_heads * group, keys)
     y = ops.gqa_mix(scores.softmax(-1), v)
     assert (y[:, :, None] - expected).abs().max() < 1e-5
 
 
-def test_decode_attention_in_the_model(ops, tiny_llama_dir):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # the cache's (float16: a quantized model's own)
+def test_decode_attention_in_the_model(ops, tiny_llama_dir, dtype):
     """A quantized model decodes one token with the ops (its kernel is loaded), alone or in a padded batch (the
     padding keys masked), and gives PyTorch's attention's logits."""
     import gptchat
@@ -202,7 +206,7 @@ def test_decode_attention_in_the_model(ops, tiny_llama_dir):
         with pytest.MonkeyPatch.context() as mp:
             if kernels_env:
                 mp.setattr(kernels, "loaded", lambda: None)
-            cache, batch = KVCache(lm.config, 1, 32), KVCache(lm.config, 2, 32)
+            cache, batch = KVCache(lm.config, 1, 32, dtype=dtype), KVCache(lm.config, 2, 32, dtype=dtype)
             with torch.inference_mode():
                 lm.model(torch.tensor([[5, 6, 7, 8, 9]]), cache=cache)
                 logits[name] = lm.model(torch.tensor([[10]]), cache=cache)[0, -1]
@@ -218,6 +222,8 @@ def test_decode_attention_bad_shapes(ops):
         ops.gqa_scores(torch.randn(1, 18, 64), torch.randn(1, 2, 5, 64))
     with pytest.raises(RuntimeError, match="head sizes differ"):
         ops.gqa_scores(torch.randn(1, 4, 64), torch.randn(1, 2, 5, 32))
+    with pytest.raises(RuntimeError, match="float32 or float16"):
+        ops.gqa_mix(torch.randn(1, 4, 5), torch.randn(1, 2, 5, 64, dtype=torch.bfloat16))
 
 
 def test_released_file_pages_read_back_and_anonymous_memory_is_kept(tmp_path):

@@ -178,3 +178,19 @@ def test_int8_model_stays_close(tiny_llama_dir):
     with torch.no_grad():
         a, b = exact.model(ids), quant.model(ids)
     assert (a - b).abs().max() < 0.05 * a.abs().max()
+
+
+def test_cache_dtype_follows_the_weights(tiny_llama_dir):
+    """Quantized models keep their keys and values in float16 where gptchat's kernel reads them (half the bytes
+    a decoded token reads); float32 models keep the exact float32 path."""
+    exact = gptchat.load_model(tiny_llama_dir[0])
+    assert exact.model.cache_dtype() == torch.float32
+    quant = gptchat.load_model(tiny_llama_dir[0], quant="int8")
+    expected = torch.float16 if gptchat.kernels.ops() is not None else torch.float32
+    assert quant.model.cache_dtype() == expected
+    engine = Engine(quant)
+    engine.generate([1, 2, 3], SamplingParams(max_new_tokens=3, temperature=0))
+    assert engine._cache.dtype == expected
+    # a prompt that continues the cache runs PyTorch's attention over the float16 keys and values
+    again = engine.generate([1, 2, 3, 4, 5], SamplingParams(max_new_tokens=3, temperature=0))
+    assert again.token_ids == Engine(quant).generate([1, 2, 3, 4, 5], SamplingParams(max_new_tokens=3, temperature=0)).token_ids

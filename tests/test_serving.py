@@ -24,7 +24,6 @@ import gptchat  # noqa: E402
 from gptchat import SamplingParams  # noqa: E402
 from gptchat.chat import prompt_ids as chat_prompt_ids  # noqa: E402
 from gptchat.engine import DecodeBatch, Engine  # noqa: E402
-from gptchat.model import KVCache  # noqa: E402
 from gptchat.server import create_app  # noqa: E402
 from gptchat.server.scheduler import Scheduler  # noqa: E402
 from test_server import KEY, USER, error_of, free_port, serving, wait_until_serving  # noqa: E402
@@ -79,7 +78,7 @@ def test_rows_joining_and_leaving_mid_batch_decode_as_alone(long_lm):
     with torch.inference_mode():
         for step in range(40):
             for i in [i for i, s in join_at.items() if s == step]:
-                cache = KVCache(long_lm.config, 1, len(prompts[i]))
+                cache = long_lm.model.new_cache(1, len(prompts[i]))  # as the server makes it
                 delta = outs[i].step(engine.prefill_chunk(cache, prompts[i]))
                 batch.join(cache, torch.ones(1, len(prompts[i]), dtype=torch.bool), [outs[i]], [delta])
             if batch:

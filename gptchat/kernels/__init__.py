@@ -1,12 +1,14 @@
-"""gptchat's own CPU kernel for quantized matmuls with a few rows (decoding): quant_matmul.cpp.
+"""gptchat's own CPU kernel for quantized matmuls (decoding, batches and prompts) and for the attention of a
+decoded token over its cache: quant_matmul.cpp.
 
 PyTorch's weight-only int4 kernel converts bfloat16 activations in software on CPUs without avx512_bf16,
 which makes it compute-bound there. This one does what llama.cpp does on AVX2: activations quantized to
 16-bit integers per block of 32, integer dot products with the weights, which Int4Linear and Int8Linear hold
-in the kernel's own layout while it serves them (`to_lanes`: 8 weight rows side by side).
+in the kernel's own layout while it serves them (`to_lanes`: 8 weight rows side by side). The attention ops
+read a float32 or a float16 cache (quantized models keep theirs in float16).
 
 It is compiled on first use (`torch.utils.cpp_extension.load`, g++ and ninja; ~30 s) into the cache,
-under a name keyed by the source and torch version, and only on CPUs with AVX2 and FMA. Where it cannot be
+under a name keyed by the source and torch version, and only on CPUs with AVX2, FMA and F16C. Where it cannot be
 built or loaded, `ops()` returns None and the quantized Linears use PyTorch's kernels instead; so does
 GPTCHAT_KERNELS=aten.
 """
@@ -31,14 +33,14 @@ BLOCK = 32  # columns per quantization block, on both sides of the dot products
 # -ffp-contract=off: a * b + c stays two roundings where the source says so (dequantization matches PyTorch's).
 # -fopenmp: at::parallel_for is inline OpenMP in ATen's headers; without the flag the pragma is dropped and
 # the kernel runs on one thread. The OpenMP runtime is the libgomp.so.1 torch has already loaded.
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"]
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
 _loaded: list = []  # [] until the first try, then [the ops namespace, or None]
 _lock = threading.Lock()
 
 
 def cpu_supported() -> bool:
-    """AVX2 and FMA on x86-64 Linux (the kernel's instructions)."""
-    return {"avx2", "fma"} <= cpu_flags()
+    """AVX2, FMA and F16C (float16 caches) on x86-64 Linux: the kernel's instructions."""
+    return {"avx2", "fma", "f16c"} <= cpu_flags()
 
 
 def build_target() -> tuple[str, Path]:
@@ -60,7 +62,7 @@ def find_ninja() -> None:
 def build():
     """Compile (or find already compiled) and load the kernel; the ops namespace, or None with the reason logged."""
     if not cpu_supported():
-        log.info("gptchat kernels: this CPU lacks AVX2/FMA; using PyTorch's quantized matmuls")
+        log.info("gptchat kernels: this CPU lacks AVX2/FMA/F16C; using PyTorch's quantized matmuls")
         return None
     name, build_dir = build_target()
     if not load_built(build_dir / f"{name}.so"):

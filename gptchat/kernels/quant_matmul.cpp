@@ -272,34 +272,41 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
 // ---- attention of one new token per row over its cache (decoding) ----
 // Each group of G = H / Hkv query heads shares one key/value head. PyTorch runs this as small matmuls (G query
 // rows against up to thousands of keys), and a compiled step as single-threaded loops; here each key and value
-// row is read once for all G queries, and the keys (or value columns) are spread over the threads.
+// row is read once for all G queries, and the keys (or value columns) are spread over the threads. The cache
+// may hold float16 (what quantized models use: half the bytes a decoded token reads, and these ops are bound by
+// reading them) or float32; the arithmetic is float32 either way.
 
 constexpr int64_t SMALL_CACHE = 256;  // fewer keys than this (all rows together): one thread, no wake-up cost
 
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
 void check_attention(const at::Tensor& a, const at::Tensor& kv, const char* what) {
-  TORCH_CHECK(a.dim() == 3 && kv.dim() == 4 && a.scalar_type() == at::kFloat && kv.scalar_type() == at::kFloat &&
+  TORCH_CHECK(a.dim() == 3 && kv.dim() == 4 && a.scalar_type() == at::kFloat &&
+              (kv.scalar_type() == at::kFloat || kv.scalar_type() == at::kHalf) &&
               a.size(0) == kv.size(0) && kv.size(1) > 0 && a.size(1) % kv.size(1) == 0 && a.size(1) / kv.size(1) <= 8 &&
-              kv.stride(3) == 1, what, ": float32 [B, H, *] and [B, Hkv, S, D], H / Hkv <= 8, D contiguous");
+              kv.stride(3) == 1, what, ": float32 [B, H, *] and float32 or float16 [B, Hkv, S, D], H / Hkv <= 8, D contiguous");
 }
 
 // Each task reads its keys (or value columns) row after row, a cache line or four per row: asking for the row
 // 8 ahead made the 30 layers' ops ~15% faster at 700 cached tokens (the prefetch past the last row is harmless).
 constexpr int64_t AHEAD = 8;
 
-inline void prefetch_row(const float* row, int64_t n) {
-  for (int64_t at = 0; at < n; at += 16) _mm_prefetch(reinterpret_cast<const char*>(row + at), _MM_HINT_T0);
+template <typename T>
+inline void prefetch_row(const T* row, int64_t n) {  // the cache lines of row[0 .. n)
+  for (int64_t at = 0; at < n * int64_t(sizeof(T)); at += 64) _mm_prefetch(reinterpret_cast<const char*>(row) + at, _MM_HINT_T0);
 }
 
 // scores[b, kh * G + g, s] = q[b, kh * G + g] . k[b, kh, s] for keys s0 <= s < s1
-template <int G>
-void scores_of(const float* q, const float* k, int64_t k_row, int64_t D, int64_t s0, int64_t s1, float* out, int64_t S) {
+template <int G, typename T>
+void scores_of(const float* q, const T* k, int64_t k_row, int64_t D, int64_t s0, int64_t s1, float* out, int64_t S) {
   for (int64_t s = s0; s < s1; ++s) {
-    const float* kr = k + s * k_row;
+    const T* kr = k + s * k_row;
     prefetch_row(kr + AHEAD * k_row, D);
     __m256 acc[G];
     for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
     for (int64_t d = 0; d < D; d += 8) {
-      const __m256 kv = _mm256_loadu_ps(kr + d);
+      const __m256 kv = load8(kr + d);
       for (int g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + d), kv, acc[g]);
     }
     for (int g = 0; g < G; ++g) out[g * S + s] = hsum(acc[g]);
@@ -307,16 +314,16 @@ void scores_of(const float* q, const float* k, int64_t k_row, int64_t D, int64_t
 }
 
 // out[b, kh * G + g, d0 : d0 + 8 NV] = sum over s of p[b, kh * G + g, s] v[b, kh, s, d0 : d0 + 8 NV]
-template <int G, int NV>
-void mix_of(const float* p, const float* v, int64_t v_row, int64_t S, float* out, int64_t D) {
+template <int G, int NV, typename T>
+void mix_of(const float* p, const T* v, int64_t v_row, int64_t S, float* out, int64_t D) {
   __m256 acc[G][NV];
   for (int g = 0; g < G; ++g)
     for (int j = 0; j < NV; ++j) acc[g][j] = _mm256_setzero_ps();
   for (int64_t s = 0; s < S; ++s) {
-    const float* vr = v + s * v_row;
+    const T* vr = v + s * v_row;
     prefetch_row(vr + AHEAD * v_row, 8 * NV);
     __m256 vs[NV];
-    for (int j = 0; j < NV; ++j) vs[j] = _mm256_loadu_ps(vr + 8 * j);
+    for (int j = 0; j < NV; ++j) vs[j] = load8(vr + 8 * j);
     for (int g = 0; g < G; ++g) {
       const __m256 w = _mm256_set1_ps(p[g * S + s]);
       for (int j = 0; j < NV; ++j) acc[g][j] = _mm256_fmadd_ps(w, vs[j], acc[g][j]);
@@ -350,18 +357,21 @@ at::Tensor gqa_scores(const at::Tensor& q_in, const at::Tensor& k) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1), S = k.size(2), G = H / Hkv;
   TORCH_CHECK(k.size(3) == D && D % 8 == 0, "gqa_scores: q and k head sizes differ, or are not a multiple of 8");
   at::Tensor out = at::empty({B, H, S}, q.options());
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
   float* o = out.data_ptr<float>();
   constexpr int64_t CHUNK = 128;  // keys per task
   const int64_t chunks = (S + CHUNK - 1) / CHUNK;
   const int64_t tasks = B * Hkv * chunks;
-  at::parallel_for(0, tasks, B * S < SMALL_CACHE ? tasks : 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / (Hkv * chunks), kh = t / chunks % Hkv, s0 = t % chunks * CHUNK;
-      with_group<Scores>(G, qp + (b * H + kh * G) * D, kp + b * k.stride(0) + kh * k.stride(1), k.stride(2), D, s0,
-                         std::min(S, s0 + CHUNK), o + (b * H + kh * G) * S, S);
-    }
-  });
+  auto run = [&](const auto* kp) {
+    at::parallel_for(0, tasks, B * S < SMALL_CACHE ? tasks : 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t b = t / (Hkv * chunks), kh = t / chunks % Hkv, s0 = t % chunks * CHUNK;
+        with_group<Scores>(G, qp + (b * H + kh * G) * D, kp + b * k.stride(0) + kh * k.stride(1), k.stride(2), D, s0,
+                           std::min(S, s0 + CHUNK), o + (b * H + kh * G) * S, S);
+      }
+    });
+  };
+  if (k.scalar_type() == at::kHalf) run(k.data_ptr<at::Half>()); else run(k.data_ptr<float>());
   return out;
 }
 
@@ -372,21 +382,25 @@ at::Tensor gqa_mix(const at::Tensor& p_in, const at::Tensor& v) {
   const int64_t B = p.size(0), H = p.size(1), S = p.size(2), Hkv = v.size(1), D = v.size(3), G = H / Hkv;
   TORCH_CHECK(v.size(2) == S && D % 8 == 0, "gqa_mix: p and v key counts differ, or the head size is not a multiple of 8");
   at::Tensor out = at::empty({B, H, D}, p.options());
-  const float *pp = p.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float* pp = p.data_ptr<float>();
   float* o = out.data_ptr<float>();
   const int64_t width = D % 32 == 0 ? 32 : 8, parts = D / width;  // columns per task
   const int64_t tasks = B * Hkv * parts;
-  at::parallel_for(0, tasks, B * S < SMALL_CACHE ? tasks : 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / (Hkv * parts), kh = t / parts % Hkv, d0 = t % parts * width;
-      const float *pt = pp + (b * H + kh * G) * S, *vt = vp + b * v.stride(0) + kh * v.stride(1) + d0;
-      float* ot = o + (b * H + kh * G) * D + d0;
-      if (width == 32)
-        with_group<Mix>(G, pt, vt, v.stride(2), S, ot, D);
-      else
-        with_group<NarrowMix>(G, pt, vt, v.stride(2), S, ot, D);
-    }
-  });
+  auto run = [&](const auto* vp) {
+    at::parallel_for(0, tasks, B * S < SMALL_CACHE ? tasks : 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t b = t / (Hkv * parts), kh = t / parts % Hkv, d0 = t % parts * width;
+        const float* pt = pp + (b * H + kh * G) * S;
+        const auto* vt = vp + b * v.stride(0) + kh * v.stride(1) + d0;
+        float* ot = o + (b * H + kh * G) * D + d0;
+        if (width == 32)
+          with_group<Mix>(G, pt, vt, v.stride(2), S, ot, D);
+        else
+          with_group<NarrowMix>(G, pt, vt, v.stride(2), S, ot, D);
+      }
+    });
+  };
+  if (v.scalar_type() == at::kHalf) run(v.data_ptr<at::Half>()); else run(v.data_ptr<float>());
   return out;
 }
 

@@ -192,7 +192,7 @@ class Scheduler:
         """Prefill the next chunk of a joining prompt; at its end, sample the first token and join the batch."""
         ids = request.prompt_ids
         if request.cache is None:
-            request.cache = KVCache(self.engine.lm.config, 1, len(ids))
+            request.cache = self.engine.model.new_cache(1, len(ids))
         chunk = ids[request.filled : request.filled + PREFILL_CHUNK]
         logits = self.engine.prefill_chunk(request.cache, chunk)
         request.filled += len(chunk)
