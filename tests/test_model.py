@@ -192,5 +192,6 @@ def test_cache_dtype_follows_the_weights(tiny_llama_dir):
     engine.generate([1, 2, 3], SamplingParams(max_new_tokens=3, temperature=0))
     assert engine._cache.dtype == expected
     # a prompt that continues the cache runs PyTorch's attention over the float16 keys and values
-    again = engine.generate([1, 2, 3, 4, 5], SamplingParams(max_new_tokens=3, temperature=0))
-    assert again.token_ids == Engine(quant).generate([1, 2, 3, 4, 5], SamplingParams(max_new_tokens=3, temperature=0)).token_ids
+    params = SamplingParams(max_new_tokens=3, temperature=0)
+    again = engine.generate([1, 2, 3, 4, 5], params)
+    assert again.token_ids == Engine(quant).generate([1, 2, 3, 4, 5], params).token_ids
