@@ -185,10 +185,17 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     The kept set is HF's, except where a token's cumulative probability is within float rounding of 1 - p, and
     among tokens tied at the cut, where the order of a sort decides.
     """
-    probs = logits.softmax(dim=-1)
+    idx, keep = top_p_keep(logits.softmax(dim=-1), p)
+    kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, idx, keep)
+    return logits.masked_fill(~kept, -math.inf)
+
+
+def top_p_keep(probs: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(idx, keep): token ids from the most likely down, as far as needed, and which of them top-p keeps (a
+    prefix of each row). See apply_top_p."""
     total = probs.sum(dim=-1, keepdim=True, dtype=torch.float64)
     limit = torch.tensor(1 - p, dtype=torch.float32)  # HF compares float32 sums with 1 - p as a float32
-    vocab, k = logits.size(-1), min(64, logits.size(-1))
+    vocab, k = probs.size(-1), min(64, probs.size(-1))
     while True:
         top, idx = probs.topk(k, dim=-1) if k < vocab else sort_descending(probs)
         mass = top.double()  # float64 sums: a 49152-token tail adds up without losing its small probabilities
@@ -196,13 +203,11 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
         keep = (total - above).float() > limit
         keep[..., 0] = True
         if k == vocab or not keep[..., -1].any():  # every row's cut is inside the top k
-            break
+            return idx, keep
         # the tokens below are no likelier than the k-th: at least this many more are needed (a flat
         # distribution goes straight to the full sort)
         needed = (total - limit - mass.sum(dim=-1, keepdim=True)) / mass[..., -1:]
         k = 1024 if k < 1024 <= vocab and needed.max() <= 1024 - k else vocab
-    kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, idx, keep)
-    return logits.masked_fill(~kept, -math.inf)
 
 
 def sort_descending(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,8 +324,11 @@ class TokenSampler:
         x = (x - x.max()) / p.temperature  # shifting first keeps a tiny temperature from overflowing
         if p.top_k:
             x = apply_top_k(x, p.top_k)
-        if p.top_p < 1.0:
-            x = apply_top_p(x, p.top_p)
+        candidates = None
+        if p.top_p < 1.0:  # the draw, and min-p, need only the tokens top-p keeps (often a few dozen)
+            idx, keep = top_p_keep(x.softmax(dim=-1), p.top_p)
+            candidates = idx[keep]
+            x = x[candidates]
         if p.min_p > 0.0:
             x = apply_min_p(x, p.min_p)
         if self._generator is None or self._generator.device != x.device:
@@ -329,7 +337,8 @@ class TokenSampler:
                 self._generator.seed()
             else:
                 self._generator.manual_seed(p.seed & 0xFFFF_FFFF_FFFF_FFFF)
-        return draw(x.softmax(dim=-1), self._generator)
+        token = draw(x.softmax(dim=-1), self._generator)
+        return int(candidates[token]) if candidates is not None else token
 
 
 def argmax(x: torch.Tensor) -> int:
