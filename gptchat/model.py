@@ -208,9 +208,15 @@ def decode_attention_ops(q: torch.Tensor, group: int):
     """gptchat's kernel ops for one query per row over a cache (gqa_scores, gqa_mix), where this process has
     loaded them (quantized models do, on their first matmul) and they apply: float32 on the CPU, head size a
     multiple of 8, at most 8 query heads per key/value head. Else None: PyTorch's attention."""
-    if q.device.type != "cpu" or q.dtype != torch.float32 or q.shape[-1] % 8 or group > 8:
+    if q.device.type != "cpu" or q.dtype != torch.float32 or not kernel_attention_fits(q.shape[-1], group):
         return None
     return kernels.loaded()
+
+
+def kernel_attention_fits(head_dim: int, group: int) -> bool:
+    """Whether gptchat's decode attention ops take these heads: a head size that is a multiple of 8, and at
+    most 8 query heads (`group`) per key/value head."""
+    return head_dim % 8 == 0 and group <= 8
 
 
 def fuse_projections(state: dict, n_layer: int) -> dict:
@@ -367,7 +373,7 @@ class GPT(nn.Module):
         from .quantize import QUANTIZED_LINEARS
 
         c = self.config
-        fits = c.head_dim % 8 == 0 and c.n_head // c.n_kv_head <= 8 and self.norm.weight.device.type == "cpu"
+        fits = kernel_attention_fits(c.head_dim, c.n_head // c.n_kv_head) and self.norm.weight.device.type == "cpu"
         if fits and any(isinstance(m, QUANTIZED_LINEARS) for m in self.modules()) and kernels.ops() is not None:
             return torch.float16
         return torch.float32
