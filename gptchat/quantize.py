@@ -8,7 +8,9 @@ how fast a kernel turns packed weights back into numbers. Two kinds of quantized
 
 Both dequantize exactly as llama.cpp's GGUF blocks do (Q8_0: d * q; Q4_0: d * (q - 8); Q4_1: d * q + m), so
 those blocks load without any loss (`from_blocks`). From float weights, int8 is symmetric and int4 min/max,
-both per group of GROUP_SIZE columns.
+both per group of GROUP_SIZE columns. Scales and offsets are held in float32 tensors but are float16 values,
+as in GGUF's blocks: gptchat's kernel reads them as float16 (fewer bytes per token), and so reads exactly the
+weights that `dequantized()` gives.
 
 Matmuls: on the CPU, decoding and prompts alike go through gptchat's own kernel where it builds
 (gptchat/kernels: AVX2, integer activations). Without it, a few rows (decoding) go through PyTorch's
@@ -59,12 +61,21 @@ def int4_fits(out_features: int, in_features: int, group_size: int = GROUP_SIZE)
 # ---- quantizing float weights ----
 
 
+FLOAT16_MAX = 65504.0
+FLOAT16_TINY = 2.0**-24  # the smallest positive float16 (subnormal)
+
+
+def float16_values(t: torch.Tensor) -> torch.Tensor:
+    """t rounded to the nearest float16 values (clamped to float16's range), kept in float32."""
+    return t.float().clamp(-FLOAT16_MAX, FLOAT16_MAX).half().float()
+
+
 def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 weights [N, K], float32 scales [N, K/g]) for a float weight [N, K]; one scale per row when
-    group_size is None: w ~= q * scale, scale = max|w| / 127 over the row or group."""
+    group_size is None: w ~= q * scale, scale = max|w| / 127 over the row or group, a float16 value."""
     N, K = w.shape
     g = w.float().reshape(N, -1, group_size or K)
-    scale = (g.abs().amax(dim=-1) / 127.0).clamp(min=1e-12)
+    scale = float16_values(g.abs().amax(dim=-1) / 127.0).clamp(min=FLOAT16_TINY)
     q = torch.round(g / scale[..., None]).clamp(-127, 127).to(torch.int8)
     return q.reshape(N, K), scale
 
@@ -72,12 +83,13 @@ def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> tuple[torch
 def quantize_int4(w: torch.Tensor, group_size: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(packed nibbles uint8 [N, K/2], scales [N, K/g], offsets [N, K/g]) for a float weight [N, K].
 
-    Each group spans its own [min, max] in 16 steps: w ~= q * scale + offset, offset = min.
+    Each group spans its own [min, max] in 16 steps: w ~= q * scale + offset, offset = min (both float16
+    values, as in GGUF's Q4_1).
     """
     N, K = w.shape
     g = w.float().reshape(N, K // group_size, group_size)
-    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-    scale = ((hi - lo) / 15.0).clamp(min=1e-12)
+    lo, hi = float16_values(g.amin(dim=-1)), g.amax(dim=-1)
+    scale = float16_values((hi - lo) / 15.0).clamp(min=FLOAT16_TINY)
     q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
     return pack_nibbles(q.reshape(N, K)), scale, lo
 
@@ -126,14 +138,14 @@ def lane_values(pairs: torch.Tensor, int4: bool) -> torch.Tensor:
 def lanes_to_portable(weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, rows: int,
                       cols: int) -> dict[str, torch.Tensor]:
     """gptchat's kernel layout (quant_matmul.cpp: `to_lanes`) back to the portable tensors, by tensor ops: for
-    a state_dict, an export, or PyTorch's kernels."""
+    a state_dict, an export, or PyTorch's kernels. The layout's float16 scales and offsets come back as float32."""
     groups, blocks = weight.shape[0], cols // kernels.BLOCK
     int4 = offset is not None
     values = lane_values(lane_pairs(weight, blocks, int4).permute(0, 3, 1, 2, 4), int4).reshape(groups * LANES, cols)
     q = pack_nibbles(values) if int4 else values
 
     def per_row(t):
-        return t.view(groups, blocks, LANES).transpose(1, 2).reshape(groups * LANES, blocks)[:rows]
+        return t.view(groups, blocks, LANES).transpose(1, 2).reshape(groups * LANES, blocks)[:rows].float()
 
     parts = {"weight": q[:rows].contiguous(), "scale": per_row(scale).contiguous()}
     if offset is not None:
@@ -195,11 +207,17 @@ class KernelLayout:
     """What Int8Linear and Int4Linear share: the switch of their tensors to gptchat's kernel layout, and a
     state_dict (and loading) in the portable layout whichever is held."""
 
-    lanes = False  # True once the tensors are in the kernel layout (weight [N/8, ...], scale [N/8, K/32 * 8])
+    lanes = False  # True once the tensors are in the kernel layout (weight [N/8, ...], float16 scale [N/8, K/32 * 8])
     PARTS: tuple[str, ...] = ()
 
     def lanes_fit(self) -> bool:
-        return self.in_features % kernels.BLOCK == 0 and self.weight.device.type == "cpu"
+        """Whether the kernel's layout can hold this layer: on the CPU, whole blocks of 32 columns, and scales
+        and offsets within float16's range (checked once, before converting)."""
+        if self.lanes:
+            return True
+        parts = [getattr(self, name) for name in self.PARTS[1:]]
+        return (self.in_features % kernels.BLOCK == 0 and self.weight.device.type == "cpu"
+                and all(bool(t.abs().max() <= FLOAT16_MAX) for t in parts if t.numel()))
 
     def to_lanes(self, ops, mappings: list[tuple[int, int]] | None = None) -> None:
         """Hold the tensors in the kernel layout from now on (once; safe against concurrent first calls).
@@ -230,7 +248,7 @@ class KernelLayout:
         blocks, int4 = self.in_features // kernels.BLOCK, len(self.PARTS) == 3
         g, j = idx // LANES, idx % LANES
         values = lane_values(lane_pairs(self.weight, blocks, int4)[g, :, :, j, :], int4)
-        return values, tuple(getattr(self, n).view(-1, blocks, LANES)[g, :, j] for n in self.PARTS[1:])
+        return values, tuple(getattr(self, n).view(-1, blocks, LANES)[g, :, j].float() for n in self.PARTS[1:])
 
     def portable(self) -> dict[str, torch.Tensor]:
         """The tensors in the portable layout (converted back when the kernel layout is held)."""

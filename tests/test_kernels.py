@@ -99,6 +99,42 @@ def test_kernel_layout_holds_the_same_weights(ops, kind, N):
     assert not q.lanes and all(torch.equal(getattr(q, k), before[k]) for k in before)
 
 
+def test_quantizers_give_float16_scales_and_offsets(ops):
+    """What the kernel's layout holds in float16 (and GGUF's blocks do): the quantizers round them so, and the
+    layout holds them exactly."""
+    for kind in ("int4", "int8 grouped", "int8 per row"):
+        q = layer(kind, 40, 96)
+        parts = portable(q)[1:]
+        assert all(t.dtype == torch.float32 and torch.equal(t, t.half().float()) for t in parts), kind
+        lanes = ops.to_lanes(*portable(q), *([] if kind == "int4" else [None]))
+        assert all(t.dtype == torch.float16 for t in lanes[1:]), kind
+
+
+def test_scales_that_are_not_float16_values(ops):
+    """A layer saved with float32 scales (an older checkpoint): the layout rounds them to float16, and the
+    layer then reports the weights its kernel reads."""
+    q = layer("int4", 16, 64)
+    q.scale = q.scale * (1 + 2.0**-14)  # between float16 values
+    x = torch.randn(2, 64)
+    y = q(x)
+    assert q.lanes
+    w = q.dequantized()
+    assert torch.equal(q.portable()["scale"], q.portable()["scale"].half().float())
+    xq, _ = quantized_x(x)
+    assert ((y - xq @ w.T).abs() <= 1e-5 * y.abs().max()).all()
+
+
+def test_scales_beyond_float16_stay_out_of_the_kernel(ops):
+    """float16 holds magnitudes up to 65504: a layer with larger scales is not converted, and its matmul
+    stays right (PyTorch's path)."""
+    q = layer("int8 per row", 16, 64)
+    q.scale = q.scale * 1e9
+    x = torch.randn(2, 64)
+    y = q(x)
+    assert not q.lanes
+    assert torch.allclose(y, x @ q.dequantized().T, rtol=2e-2, atol=2e-2 * y.abs().max().item())
+
+
 def test_bad_inputs_get_a_clear_error(ops):
     q = layer("int4", 32, 64)
     parts = ops.to_lanes(*portable(q))

@@ -4,7 +4,7 @@ decoded token over its cache: quant_matmul.cpp.
 PyTorch's weight-only int4 kernel converts bfloat16 activations in software on CPUs without avx512_bf16,
 which makes it compute-bound there. This one does what llama.cpp does on AVX2: activations quantized to
 16-bit integers per block of 32, integer dot products with the weights, which Int4Linear and Int8Linear hold
-in the kernel's own layout while it serves them (`to_lanes`: 8 weight rows side by side). The attention ops
+in the kernel's own layout while it serves them (`to_lanes`: 8 weight rows side by side, float16 scales). The attention ops
 read a float32 or a float16 cache (quantized models keep theirs in float16).
 
 It is compiled on first use (`torch.utils.cpp_extension.load`, g++ and ninja; ~30 s) into the cache,
@@ -102,9 +102,9 @@ def register_fakes() -> None:
     @torch.library.register_fake("gptchat::to_lanes")
     def _(weight, scale, offset):
         groups, K = -(-weight.shape[0] // 8), weight.shape[1] * (2 if weight.dtype == torch.uint8 else 1)
-        parts = [weight.new_empty(groups, K * 8 // (2 if weight.dtype == torch.uint8 else 1)),
-                 scale.new_empty(groups, K // 32 * 8)]
-        return parts + [scale.new_empty(groups, K // 32 * 8)] if offset is not None else parts
+        half = scale.new_empty(groups, K // 32 * 8, dtype=torch.float16)  # scales (and offsets) in float16
+        parts = [weight.new_empty(groups, K * 8 // (2 if weight.dtype == torch.uint8 else 1)), half]
+        return parts + [torch.empty_like(half)] if offset is not None else parts
 
     @torch.library.register_fake("gptchat::int4_linear")
     def _(x, weight, scale, offset, N):
