@@ -7,9 +7,11 @@ line on stderr, `gptchat: error: ...`, and a non-zero exit; never a traceback.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import sys
+import threading
 
 from . import __version__
 from .errors import GptchatError
@@ -641,5 +643,30 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def quick_exit(code: int):
+    """Exit with `code`, skipping the interpreter's teardown. Once torch is imported, Python's own exit frees
+    hundreds of thousands of objects module by module, collecting garbage as it goes: ~1 s here, after the
+    reply has been printed, before the shell prompt comes back. Here the exit handlers still run (atexit:
+    logging's flush, finalizers, temporary files) and the standard streams are flushed; only the freeing,
+    which the operating system does anyway, is skipped. Not while another (non-daemon) thread is running: the
+    usual exit waits for it, and so does this one."""
+    if any(t is not threading.main_thread() and not t.daemon and t.is_alive() for t in threading.enumerate()):
+        sys.exit(code)
+    try:
+        atexit._run_exitfuncs()  # what the usual exit runs first, in the same order
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe or stream: nothing more can be said on it
+                pass
+        os._exit(code)
+
+
+def run() -> None:
+    """The `gptchat` command (console script, `python -m gptchat.cli`): main(), then a quick exit."""
+    quick_exit(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -304,6 +304,33 @@ def test_info_describes_the_default_model(gptchat):
     assert "chat template" in rows and rows["chat template"], describe(r)
 
 
+QUICK_EXIT = textwrap.dedent(
+    """
+    import atexit, sys, threading, time
+    from gptchat.cli import quick_exit
+
+    atexit.register(lambda: print("exit handler ran", flush=True))
+    if sys.argv[1] == "thread":  # a non-daemon thread still running: the exit waits for it
+        threading.Thread(target=lambda: (time.sleep(0.5), print("thread finished"))).start()
+    print("reply", end="")  # unflushed: the exit must flush it
+    print("a warning", file=sys.stderr, end="")
+    quick_exit(3)
+    """
+)
+
+
+@pytest.mark.parametrize("case", ["plain", "thread"])
+def test_quick_exit_keeps_the_exit_handlers_output_and_code(case, tmp_path):
+    """The command skips the interpreter's teardown (`quick_exit`, ~1 s after importing torch) but not what
+    a normal exit does for the user: exit handlers, flushed output, the exit code, waiting for threads."""
+    r = subprocess.run([sys.executable, "-c", QUICK_EXIT, case], capture_output=True, text=True,
+                       env=cli_env(tmp_path), timeout=60)
+    assert r.returncode == 3, describe(r)
+    expected = ["replythread finished", "exit handler ran"] if case == "thread" else ["replyexit handler ran"]
+    assert r.stdout.splitlines() == expected, describe(r)
+    assert r.stderr == "a warning", describe(r)
+
+
 # --- errors: one line on stderr, a non-zero exit, no traceback, no model loaded -------------------
 
 HIDE_DEFAULT_MODEL = textwrap.dedent(
