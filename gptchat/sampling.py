@@ -175,56 +175,57 @@ def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probabilities sum to >= p (at least one).
+    """Keep the smallest set of most likely tokens whose probabilities sum to >= p (at least one), row by row:
+    HF's TopPLogitsWarper, by the sampler's own `top_p_candidates`."""
+    rows = logits.reshape(-1, logits.size(-1))
+    kept = torch.zeros_like(rows, dtype=torch.bool)
+    for row, keep in zip(rows, kept):
+        keep[torch.from_numpy(top_p_candidates((row - row.max()).exp().cpu().numpy(), p))] = True
+    return logits.masked_fill(~kept.view_as(logits), -math.inf)
+
+
+def top_p_candidates(w: np.ndarray, p: float) -> np.ndarray:
+    """The ids of the tokens top-p keeps, most likely first, from 1-D weights: probabilities up to a common
+    factor (the sampler's exp((logits - max) / temperature), whose largest is 1).
 
     The rule is HF's TopPLogitsWarper's: with the probabilities in ascending order, drop each token whose
     cumulative probability is <= 1 - p, the most likely token never. A token's cumulative probability is the
-    total less the mass of the tokens above it, so only the top few need ordering: a partial sort (topk) of
-    64 tokens, then 1024 (unless too few), then all, until the cut falls inside. Over a 49152-token vocabulary
-    torch's full sort took ~5 ms a token here (NumPy's, used where one is needed, ~1.8 ms), the top 64 ~0.3 ms.
-    The kept set is HF's, except where a token's cumulative probability is within float rounding of 1 - p, and
-    among tokens tied at the cut, where the order of a sort decides.
+    total less the mass of the tokens ranked above it, so only the tokens that can be kept need ordering: those
+    above a threshold that together hold more than p of the mass (the threshold tried at 1e-4 and 1e-8 of the
+    largest weight, else every token with any weight); a token below them has at least that mass above it.
+    At temperature 0.7 that leaves a few to a few hundred of SmolLM2's 49152 tokens: ~0.1 ms a token here,
+    where torch's topk of the 64 largest took ~0.2 ms and a full sort 2-5 ms. The kept set is HF's, except
+    where a token's cumulative probability is within float rounding of 1 - p, and among tokens tied at the
+    cut, where the order of a sort decides.
     """
-    idx, keep = top_p_keep(logits.softmax(dim=-1), p)
-    kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, idx, keep)
-    return logits.masked_fill(~kept, -math.inf)
-
-
-def top_p_keep(probs: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(idx, keep): token ids from the most likely down, as far as needed, and which of them top-p keeps (a
-    prefix of each row). See apply_top_p."""
-    total = probs.sum(dim=-1, keepdim=True, dtype=torch.float64)
-    limit = torch.tensor(1 - p, dtype=torch.float32)  # HF compares float32 sums with 1 - p as a float32
-    vocab, k = probs.size(-1), min(64, probs.size(-1))
-    while True:
-        top, idx = probs.topk(k, dim=-1) if k < vocab else sort_descending(probs)
-        mass = top.double()  # float64 sums: a 49152-token tail adds up without losing its small probabilities
-        above = mass.cumsum(dim=-1) - mass  # the mass of the tokens ranked above each one
-        keep = (total - above).float() > limit
-        keep[..., 0] = True
-        if k == vocab or not keep[..., -1].any():  # every row's cut is inside the top k
-            return idx, keep
-        # the tokens below are no likelier than the k-th: at least this many more are needed (a flat
-        # distribution goes straight to the full sort)
-        needed = (total - limit - mass.sum(dim=-1, keepdim=True)) / mass[..., -1:]
-        k = 1024 if k < 1024 <= vocab and needed.max() <= 1024 - k else vocab
-
-
-def sort_descending(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x sorted along its last dimension, largest first, and the indices; on the CPU through NumPy's argsort
-    (~1.8 ms over a 49152-token vocabulary here, torch.sort ~4.8 ms)."""
-    if x.device.type != "cpu":
-        return x.sort(dim=-1, descending=True)
-    idx = torch.from_numpy(np.argsort(-x.numpy(), axis=-1))
-    return x.gather(-1, idx), idx
+    total = w.sum(dtype=np.float64)  # float64 sums: a long tail adds up without losing its small shares
+    largest = w.max()
+    for cut in (1e-4, 1e-8, 0.0):
+        ids = np.flatnonzero(w > cut * largest)
+        if cut == 0.0 or w[ids].sum(dtype=np.float64) > total * (p + 1e-6):  # the margin covers rounding
+            break
+    ids = ids[np.argsort(-w[ids], kind="stable")]
+    mass = w[ids].astype(np.float64)
+    above = np.cumsum(mass) - mass  # the mass of the tokens ranked above each one
+    keep = ((total - above) / total).astype(np.float32) > np.float32(1 - p)  # as HF: float32 against 1 - p
+    keep[0] = True
+    return ids[keep]
 
 
 def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
-    """Drop tokens whose probability is below min_p times the top token's (HF's MinPLogitsWarper)."""
-    probs = logits.softmax(dim=-1)
-    remove = probs < min_p * probs.amax(dim=-1, keepdim=True)
-    remove.scatter_(-1, probs.argmax(dim=-1, keepdim=True), False)
-    return logits.masked_fill(remove, -math.inf)
+    """Drop tokens whose probability is below min_p times the top token's (HF's MinPLogitsWarper), row by row
+    by the sampler's own `min_p_keep`."""
+    probs = logits.softmax(dim=-1).reshape(-1, logits.size(-1)).cpu().numpy()
+    kept = torch.from_numpy(np.stack([min_p_keep(row, min_p) for row in probs])).to(logits.device)
+    return logits.masked_fill(~kept.view_as(logits), -math.inf)
+
+
+def min_p_keep(w: np.ndarray, min_p: float) -> np.ndarray:
+    """Which tokens min-p keeps, from 1-D probabilities (or weights proportional to them): those at least
+    min_p times the largest, and the largest always."""
+    keep = w >= min_p * w.max()
+    keep[w.argmax()] = True
+    return keep
 
 
 class TokenSampler:
@@ -238,7 +239,8 @@ class TokenSampler:
         self._seen = torch.zeros(vocab_size, dtype=torch.bool)  # in prompt or generated: repetition penalty
         self._counts = torch.zeros(vocab_size, dtype=torch.float32)  # generated only: presence/frequency
         self._ngrams: dict[tuple[int, ...], set[int]] = {}  # (n-1)-gram -> tokens that followed it
-        self._generator: torch.Generator | None = None  # made on the logits' device at the first step
+        self._rng: np.random.Generator | None = None  # uniform numbers for the draws (seeded), made at the first draw
+        self._buffer: torch.Tensor | None = None  # processed_logits' output, reused from token to token
 
         self._bias_ids = self._bias_values = None
         if params.logit_bias:
@@ -270,8 +272,12 @@ class TokenSampler:
         """Record a generated token (done by __call__; call it yourself for a token you forced)."""
         self._record(token)
         if 0 <= token < self.vocab_size:
-            self._seen[token] = True
-            self._counts[token] += 1
+            if self._seen.device.type == "cpu":  # through NumPy views: torch's indexing took ~40 us a token
+                self._seen.numpy()[token] = True
+                self._counts.numpy()[token] += 1
+            else:
+                self._seen[token] = True
+                self._counts[token] += 1
 
     def _to(self, device: torch.device) -> None:
         """Move the state tensors next to the logits (once, at the first step on a new device)."""
@@ -280,12 +286,16 @@ class TokenSampler:
             self._bias_ids, self._bias_values = self._bias_ids.to(device), self._bias_values.to(device)
 
     def processed_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """The logits after bias, penalties and bans, before temperature (a new float32 tensor)."""
+        """The logits after bias, penalties and bans, before temperature, as float32 in the sampler's own
+        buffer: valid until its next call (a fresh 200 KB tensor a token cost page faults and cache misses)."""
         p, V = self.params, self.vocab_size
         if self._seen.device != logits.device:
             self._to(logits.device)
-        x = logits.to(torch.float32, copy=True)
-        x[V:] = -math.inf  # a padded vocabulary's extra rows are not tokens
+        if self._buffer is None or self._buffer.shape != logits.shape or self._buffer.device != logits.device:
+            self._buffer = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+        x = self._buffer.copy_(logits)
+        if x.numel() > V:
+            x[V:] = -math.inf  # a padded vocabulary's extra rows are not tokens
         v = x[:V]  # a view: in-place edits to v edit x
         if self._bias_ids is not None:
             v.index_add_(0, self._bias_ids, self._bias_values)
@@ -320,24 +330,25 @@ class TokenSampler:
         return token
 
     def _sample(self, x: torch.Tensor) -> int:
+        """Draw from processed logits x (the sampler's own buffer: changed in place).
+
+        After the shift and the temperature, the work is on small arrays or single passes, done in NumPy on
+        the host: right after a decode step, which streams ~100 MB through the caches, each torch op cost
+        20-40 us of dispatch here, and the draw alone took ~8 of them."""
         p = self.params
-        x = (x - x.max()) / p.temperature  # shifting first keeps a tiny temperature from overflowing
+        x.sub_(x.max()).div_(p.temperature)  # shifting first keeps a tiny temperature from overflowing
         if p.top_k:
             x = apply_top_k(x, p.top_k)
+        w = x.exp_().cpu().numpy()  # the probabilities times a common factor (the largest is 1): no softmax
         candidates = None
         if p.top_p < 1.0:  # the draw, and min-p, need only the tokens top-p keeps (often a few dozen)
-            idx, keep = top_p_keep(x.softmax(dim=-1), p.top_p)
-            candidates = idx[keep]
-            x = x[candidates]
+            candidates = top_p_candidates(w, p.top_p)
+            w = w[candidates]
         if p.min_p > 0.0:
-            x = apply_min_p(x, p.min_p)
-        if self._generator is None or self._generator.device != x.device:
-            self._generator = torch.Generator(device=x.device)
-            if p.seed is None:
-                self._generator.seed()
-            else:
-                self._generator.manual_seed(p.seed & 0xFFFF_FFFF_FFFF_FFFF)
-        token = draw(x.softmax(dim=-1), self._generator)
+            w = np.where(min_p_keep(w, p.min_p), w, 0.0)
+        if self._rng is None:
+            self._rng = np.random.default_rng(None if p.seed is None else p.seed & 0xFFFF_FFFF_FFFF_FFFF)
+        token = draw(w, self._rng)
         return int(candidates[token]) if candidates is not None else token
 
 
@@ -347,15 +358,27 @@ def argmax(x: torch.Tensor) -> int:
     return int(x.numpy().argmax()) if x.device.type == "cpu" else int(x.argmax())
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
-    """One token drawn from 1-D probabilities, by inverting their cumulative sum at a uniform number: the
-    first token whose cumulative probability exceeds u * total. torch.multinomial took ~1.7 ms a token over a
-    49152-token vocabulary here; this ~0.1 ms. Float64 sums keep small probabilities their share."""
-    cdf = probs.cumsum(dim=-1, dtype=torch.float64)
-    u = torch.rand((), generator=generator, dtype=torch.float64, device=probs.device)
-    token = torch.searchsorted(cdf, (u * cdf[-1]).reshape(1), right=True)
-    last = torch.searchsorted(cdf, cdf[-1:])  # the last token with any probability: u * total may round up to it
-    return int(torch.minimum(token, last))
+DRAW_BLOCK = 256  # tokens per block in draw's two-level search
+
+
+def draw(w: np.ndarray, rng: np.random.Generator) -> int:
+    """One token drawn from 1-D probabilities, or weights proportional to them, by inverting their cumulative
+    sum at a uniform number: the first token whose cumulative weight exceeds u * total. The cumulative sum
+    is taken in two levels, over blocks of DRAW_BLOCK tokens and then within the one block the number falls
+    in: over a 49152-token vocabulary ~0.05 ms here, where a cumulative sum of every token took 0.13 ms
+    (torch) to 0.24 ms (NumPy) and torch.multinomial ~1.7 ms. Float64 sums keep small weights their share."""
+    starts = np.arange(0, w.size, DRAW_BLOCK)
+    sums = np.add.reduceat(w, starts, dtype=np.float64)
+    cum = np.cumsum(sums)
+    target = rng.random() * cum[-1]
+    # the last block with any weight: u * total may round up to (or past) the end
+    b = min(int(np.searchsorted(cum, target, side="right")), int(np.flatnonzero(sums)[-1]))
+    block = w[starts[b] : starts[b] + DRAW_BLOCK]
+    within = np.cumsum(block, dtype=np.float64)
+    # from the block's start: at least 0 (a zero-weight token is never the first whose sum exceeds it)
+    rest = max(target - (cum[b] - sums[b]), 0.0)
+    i = min(int(np.searchsorted(within, rest, side="right")), int(np.flatnonzero(block)[-1]))
+    return int(starts[b]) + i
 
 
 def sample_batch(samplers: list[TokenSampler], logits: torch.Tensor) -> list[int]:

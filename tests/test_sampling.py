@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from transformers.generation.logits_process import (
@@ -19,6 +20,7 @@ from gptchat.sampling import (
     apply_min_p,
     apply_top_k,
     apply_top_p,
+    draw,
     sample_batch,
 )
 
@@ -269,6 +271,63 @@ def test_top_p_mask_matches_hf(p):
     assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
     assert torch.equal(ours, theirs)
     assert (~torch.isinf(ours)).sum(-1).min() >= 1
+
+
+@pytest.mark.parametrize("scale", [8.0, 1.0, 0.05, 0.0])
+@pytest.mark.parametrize("p", [0.5, 0.9, 0.99])
+def test_top_p_matches_hf_over_a_real_vocabulary(scale, p):
+    """49152 tokens (SmolLM2's vocabulary), from peaked to flat (scale 0: all tied), so that the sampler's
+    search for the tokens worth ordering ends at each of its thresholds, and at the full sort."""
+    logits = torch.randn(2, 49152, generator=torch.Generator().manual_seed(int(scale * 10 + p * 100))) * scale
+    ours, theirs = apply_top_p(logits, p), TopPLogitsWarper(p)(None, logits.clone())
+    if scale == 0.0:  # all tied: which of them are kept is the order of a sort, only how many is fixed
+        assert torch.equal(torch.isinf(ours).sum(-1), torch.isinf(theirs).sum(-1))
+    else:
+        assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("tail,p", [(-10.0, 0.5), (-19.5, 0.99995)])
+def test_top_p_reaches_into_a_long_tail(tail, p):
+    """A few likely tokens and a long tail just below the sampler's first threshold (1e-4 of the top weight),
+    or its second (1e-8), which together hold the mass top-p needs: the search goes past that threshold."""
+    logits = torch.full((1, 49152), tail)
+    logits[0, [5, 900, 40000]] = torch.tensor([0.0, -0.5, -1.0])
+    weights = (logits[0] - logits.max()).exp()
+    cut = 1e-4 if tail == -10.0 else 1e-8
+    assert weights[weights > cut].sum() < p * weights.sum()  # the first (or second) threshold is not enough
+    ours, theirs = apply_top_p(logits, p), TopPLogitsWarper(p)(None, logits.clone())
+    assert torch.equal(torch.isinf(ours).sum(-1), torch.isinf(theirs).sum(-1))  # the tail's tokens are tied
+    assert not torch.isinf(ours[0, [5, 900, 40000]]).any()
+
+
+def test_draws_follow_the_probabilities():
+    """Seeded draws over temperature, top-p and min-p land on each kept token as often as its probability."""
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0, -6.0] + [-20.0] * 56)
+    params = SamplingParams(temperature=0.8, top_p=0.95, min_p=0.02, seed=11)
+    x = TopPLogitsWarper(0.95)(None, (logits / 0.8)[None])
+    x = MinPLogitsWarper(0.02)(None, x)[0]
+    expected = x.softmax(dim=-1)
+    sampler = TokenSampler(params, [], V)
+    n = 20000
+    counts = torch.bincount(torch.tensor([sampler(logits) for _ in range(n)]), minlength=V).double()
+    assert set(counts.nonzero().flatten().tolist()) == set(expected.nonzero().flatten().tolist())
+    sigma = (expected * (1 - expected) / n).sqrt()
+    assert ((counts / n - expected).abs() <= 4 * sigma + 1e-9).all(), (counts / n, expected)
+
+
+def test_draws_over_a_real_vocabulary_follow_the_weights():
+    """SmolLM2's 49152 tokens (192 of draw's blocks), the mass on a few tokens in different blocks, some at a
+    block's first or last place, the rest of the vocabulary without weight: drawn as often as their share."""
+    w = np.zeros(49152, dtype=np.float32)
+    chosen = [0, 255, 256, 1000, 30000, 49151]
+    w[chosen] = [0.1, 0.25, 0.05, 0.3, 0.2, 0.1]
+    rng = np.random.default_rng(5)
+    n = 20000
+    counts = np.bincount([draw(w, rng) for _ in range(n)], minlength=w.size)
+    assert set(np.flatnonzero(counts)) == set(chosen)
+    share = w[chosen] / w.sum()
+    assert (np.abs(counts[chosen] / n - share) <= 4 * np.sqrt(share * (1 - share) / n)).all()
+    assert draw(np.array([0.0, 0.0, 1.0, 0.0], dtype=np.float32), rng) == 2
 
 
 @pytest.mark.parametrize("min_p", [0.01, 0.1, 0.5, 0.99])
