@@ -207,7 +207,7 @@ class KernelLayout:
     """What Int8Linear and Int4Linear share: the switch of their tensors to gptchat's kernel layout, and a
     state_dict (and loading) in the portable layout whichever is held."""
 
-    lanes = False  # True once the tensors are in the kernel layout (weight [N/8, ...], float16 scale [N/8, K/32 * 8])
+    lanes = False  # True once the tensors are in the kernel layout (weight [N/8, ...], float16 scale [N/8, K/4])
     PARTS: tuple[str, ...] = ()
 
     def lanes_fit(self) -> bool:
