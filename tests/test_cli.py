@@ -331,6 +331,41 @@ def test_quick_exit_keeps_the_exit_handlers_output_and_code(case, tmp_path):
     assert r.stderr == "a warning", describe(r)
 
 
+GC_AT_STARTUP = textwrap.dedent(
+    """
+    import gc, sys
+    from gptchat import cli
+
+    real_load = cli.load
+    seen = []
+
+    def load(args):  # the collector's state while the model loads, and right after
+        seen.append(gc.isenabled())
+        lm = real_load(args)
+        seen.append(gc.isenabled())
+        return lm
+
+    cli.load = load
+    code = cli.main(sys.argv[1:])
+    print(code, seen, gc.isenabled(), gc.get_freeze_count() > 100_000)
+    """
+)
+
+
+@pytest.mark.slow
+def test_garbage_collection_waits_until_the_model_is_loaded(model_cache, tmp_path):
+    """Commands that load a model pause the garbage collector through torch's import and the load, then
+    freeze what exists and collect as usual, also when they fail before loading; other commands leave it be."""
+    def run(*args):
+        r = subprocess.run([sys.executable, "-c", GC_AT_STARTUP, *args], capture_output=True, text=True,
+                           env=cli_env(model_cache), cwd=tmp_path, timeout=TIMEOUT)
+        return r.stdout.splitlines()[-1] if r.stdout.strip() else describe(r)
+
+    assert run("info") == "0 [False, True] True True"
+    assert run("generate", "--temperature", "-1", "hi") == "1 [] True True"  # an error before the model
+    assert run("export", "--model", "/nonexistent", "out") == "1 [True] True False"  # not paused: a long job
+
+
 # --- errors: one line on stderr, a non-zero exit, no traceback, no model loaded -------------------
 
 HIDE_DEFAULT_MODEL = textwrap.dedent(
