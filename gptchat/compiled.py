@@ -34,12 +34,15 @@ later runs do not spend minutes failing again (delete it to retry).
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
+import shutil
 import sys
 import tempfile
 import time
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -201,9 +204,57 @@ def exported_step(model: GPT, batched: bool):
         return torch.export.export(step, example, strict=False, dynamic_shapes=dynamic)
 
 
+_build_dir: Path | None = None
+STALE_LEGACY_S = 3600  # the shared folder of older versions goes once no build has touched it for this long
+
+
+def inductor_build_dir(compiled: Path) -> Path:
+    """Where inductor works while building (TORCHINDUCTOR_CACHE_DIR): a folder of this process's own beside
+    the packages, removed when the process ends. Inductor leaves ~18 MB there per build (generated sources,
+    objects, its caches) that no later run reads: a package is rebuilt only after gptchat, torch, the model's
+    architecture or the CPU changed, and then inductor's keys differ too. It stays one folder for the whole
+    process, as inductor remembers paths in it from one build to the next. Folders left by processes that
+    died, and the shared `inductor` folder earlier versions kept growing, are removed here."""
+    global _build_dir
+    if _build_dir is None:
+        remove_stale_build_dirs(compiled)
+        compiled.mkdir(parents=True, exist_ok=True)
+        _build_dir = Path(tempfile.mkdtemp(dir=compiled, prefix=f".inductor-{os.getpid()}-"))
+        atexit.register(shutil.rmtree, _build_dir, ignore_errors=True)
+    return _build_dir
+
+
+def remove_stale_build_dirs(compiled: Path) -> None:
+    """Remove build folders whose process is gone, and the legacy shared one once it is an hour old."""
+    if not compiled.is_dir():
+        return
+    for entry in compiled.iterdir():
+        if entry.name.startswith(".inductor-"):
+            pid = entry.name.split("-")[1]
+            if pid.isdigit() and not process_alive(int(pid)):
+                shutil.rmtree(entry, ignore_errors=True)
+        elif entry.name == "inductor" and entry.is_dir():
+            try:
+                if time.time() - entry.stat().st_mtime > STALE_LEGACY_S:
+                    shutil.rmtree(entry, ignore_errors=True)
+            except OSError:
+                pass
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # someone else's process (EPERM): alive
+        return True
+    return True
+
+
 def export_and_compile(model: GPT, path: Path, batched: bool = False) -> None:
     prepare_kernels(model)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(path.parent / "inductor"))
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, str(_build_dir)):  # the user's own setting is kept
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_build_dir(path.parent))
     program = exported_step(model, batched)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".partial-", suffix=".pt2")
@@ -213,7 +264,10 @@ def export_and_compile(model: GPT, path: Path, batched: bool = False) -> None:
     try:
         torch._inductor.aoti_compile_and_package(
             program, package_path=tmp,
-            inductor_configs={"aot_inductor.package_constants_in_so": not weights_outside()})
+            # no precompiled headers: ~300 MB left in the temporary folder (torchinductor_<user>) at the
+            # first build, and builds that found them there took as long (35-41 s for a tiny model either way)
+            inductor_configs={"aot_inductor.package_constants_in_so": not weights_outside(),
+                              "aot_inductor.precompile_headers": False})
         os.replace(tmp, path)
     finally:
         torch.set_num_threads(threads)
@@ -225,6 +279,18 @@ def load_package(path: Path):
     """The package's runner, through AOTInductor's C++ loader itself: torch._inductor.aoti_load_package
     would first import the compiler stack (torch._dynamo, ~3 s here) that running a package never needs."""
     return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)  # one runner, on the CPU
+
+
+_loaded: weakref.WeakSet = weakref.WeakSet()  # decoders holding a loaded package
+
+
+@atexit.register
+def close_all() -> None:
+    """Unload every package at exit. The loader unpacks a package into a temporary folder (aotinductor_*,
+    ~4 MB) and deletes it when the runner is freed, which a process that ends with os._exit (the command's
+    quick exit) or keeps the decoder to the end never did: one folder left behind per run."""
+    for decoder in list(_loaded):
+        decoder.close()
 
 
 class CompiledDecoder:
@@ -239,6 +305,7 @@ class CompiledDecoder:
         self.announce = announce
         self.failed = False
         self._runner = None
+        self._closed = False
         self.cache_dtype = model.cache_dtype()  # the package's cache tensors (others decode eagerly)
         # small inputs written in place from call to call: a fresh torch.tensor cost ~20 us right after a step
         self._token, self._pos = torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
@@ -249,8 +316,16 @@ class CompiledDecoder:
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         warnings.warn(f"{what} failed ({type(e).__name__}: {first}); decoding without it")
 
+    def close(self) -> None:
+        """Unload the package (its unpacked copy is deleted); later calls return None: eager decoding."""
+        self._closed = True
+        self._runner = self._constants = None
+        _loaded.discard(self)
+
     def load(self):
-        """The loaded package (building it first if needed), or None if that failed."""
+        """The loaded package (building it first if needed), or None if that failed or it was closed."""
+        if self._closed:
+            return None
         if self._runner is None and not self.failed:
             path = None
             try:
@@ -274,6 +349,7 @@ class CompiledDecoder:
                 else:
                     drop_kernels(self.model)  # the package has its own copy of the kernel tensors
                 self._runner = runner
+                _loaded.add(self)
             except Exception as e:  # no compiler, an op that cannot be compiled, a damaged package
                 self._fail(f"compiling the {self.step}", e)
                 if path is not None:

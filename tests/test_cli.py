@@ -39,15 +39,16 @@ def cli_env(cache: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(args, *, cache: Path, cwd: Path, stdin: str = "", program=("-m", "gptchat.cli")):
-    """Run the command; stdin is a pipe holding `stdin` (empty by default), never the terminal."""
+def run_cli(args, *, cache: Path, cwd: Path, stdin: str = "", program=("-m", "gptchat.cli"), **env: str):
+    """Run the command (with these extra environment variables); stdin is a pipe holding `stdin` (empty by
+    default), never the terminal."""
     return subprocess.run(
         [sys.executable, *program, *map(str, args)],
         input=stdin,
         capture_output=True,
         text=True,
         encoding="utf-8",
-        env=cli_env(cache),
+        env=cli_env(cache, **env),
         cwd=cwd,
         timeout=TIMEOUT,
     )

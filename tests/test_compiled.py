@@ -3,6 +3,8 @@
 test_compiled_equals_eager compiles a tiny model ahead of time: ~30 s on 2 quiet cores, so slow.
 """
 
+import os
+import time
 import warnings
 
 import pytest
@@ -127,18 +129,43 @@ def test_compiled_batch_equals_eager(tiny_llama_dir, monkeypatch):
 @pytest.mark.slow
 def test_cli_generate_compiles_once(tiny_llama_dir, tmp_path):
     """`gptchat generate --compile`: the first run says it compiles, the second loads the package, both
-    print what eager decoding prints."""
+    print what eager decoding prints; neither leaves files behind but the package (inductor's build folder
+    and the package's unpacked copy in the temporary folder are removed when the command ends)."""
     from test_cli import run_cli
 
+    temp = tmp_path / "temp"
+    temp.mkdir()
     args = ["generate", "--model", tiny_llama_dir[0], "--quant", "int4", "-t", "0", "--max-new-tokens", "12", "--raw",
             "hello"]
     eager = run_cli([*args, "--no-compile"], cache=tmp_path, cwd=tmp_path)
-    first = run_cli([*args, "--compile"], cache=tmp_path, cwd=tmp_path)
-    second = run_cli([*args, "--compile"], cache=tmp_path, cwd=tmp_path)
+    first = run_cli([*args, "--compile"], cache=tmp_path, cwd=tmp_path, TMPDIR=str(temp))
+    second = run_cli([*args, "--compile"], cache=tmp_path, cwd=tmp_path, TMPDIR=str(temp))
     assert eager.returncode == first.returncode == second.returncode == 0, first.stderr + second.stderr
     assert "compiling the decode step" in first.stderr
     assert "compiling" not in second.stderr and "Warning" not in second.stderr
     assert first.stdout == second.stdout == eager.stdout
+    assert [p.name for p in (tmp_path / "compiled").iterdir()] == [compiled.package_path(
+        gptchat.load_model(tiny_llama_dir[0], quant="int4").model).name]
+    assert list(temp.iterdir()) == []
+
+
+def test_stale_build_dirs_are_removed(tmp_path, monkeypatch):
+    """Inductor's build folders of processes that are gone go, with the shared folder older versions grew
+    once it is an hour old; a live process's folder stays, and so do the packages."""
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for name in (f".inductor-{gone.stdout.strip()}-abc", f".inductor-{os.getpid()}-def", "inductor/x/y",
+                 "decode-0123.pt2"):
+        (tmp_path / name).mkdir(parents=True)
+    compiled.remove_stale_build_dirs(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".inductor-{os.getpid()}-def", "decode-0123.pt2",
+                                                          "inductor"]  # the legacy folder was just made
+    old = time.time() - compiled.STALE_LEGACY_S - 60
+    os.utime(tmp_path / "inductor", (old, old))
+    compiled.remove_stale_build_dirs(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".inductor-{os.getpid()}-def", "decode-0123.pt2"]
 
 
 def test_failed_compile_falls_back_to_eager(tiny_llama_dir, monkeypatch):
