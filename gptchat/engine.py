@@ -26,7 +26,7 @@ from .cpu import cpu_has_fast_bf16
 from .errors import ContextLengthError
 from .model import KVCache
 from .quantize import use_kernel_layout
-from .sampling import SamplingParams, TokenSampler
+from .sampling import SamplingParams, TokenSampler, sample_batch
 from .streaming import IncrementalDetokenizer, StopStringMatcher
 
 PREFILL_CHUNK = 512  # long prompts are prefilled in chunks so attention scores stay small
@@ -84,7 +84,10 @@ class SequenceOutput:
 
     def step(self, logits: torch.Tensor) -> Delta:
         """Sample the next token from `logits` and turn it into a Delta (finish_reason set on the last)."""
-        token = self.sampler(logits)
+        return self.take(self.sampler(logits), logits)
+
+    def take(self, token: int, logits: torch.Tensor) -> Delta:
+        """The Delta of `token`, which this output's sampler chose from `logits` (and recorded)."""
         if token in self.stop_ids:
             return self._finish(Delta(""), "stop")
         self.tokens.append(token)
@@ -321,7 +324,8 @@ class DecodeBatch:
                 logits = self.model(tokens, cache=self.cache, positions=self.positions, key_mask=self.key_mask,
                                     last_only=True)[:, -1]
         self.positions = self.positions + 1
-        stepped = [(out, out.step(row)) for out, row in zip(self.outs, logits)]
+        tokens = sample_batch([out.sampler for out in self.outs], logits)
+        stepped = [(out, out.take(token, row)) for out, token, row in zip(self.outs, tokens, logits)]
         self.tokens = [d.token_ids[-1] if d.token_ids else -1 for _, d in stepped]
         finished = [i for i, (_, d) in enumerate(stepped) if d.finish_reason]
         if finished:

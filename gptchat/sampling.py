@@ -243,6 +243,7 @@ class TokenSampler:
         self._buffer: torch.Tensor | None = None  # processed_logits' output, reused from token to token
 
         self._bias_ids = self._bias_values = None
+        self.bias_arrays: tuple[np.ndarray, np.ndarray] | None = None
         if params.logit_bias:
             bad = [t for t in params.logit_bias if t >= vocab_size]
             if bad:
@@ -251,6 +252,7 @@ class TokenSampler:
                 )
             self._bias_ids = torch.tensor(list(params.logit_bias.keys()), dtype=torch.long)
             self._bias_values = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32)
+            self.bias_arrays = self._bias_ids.numpy().copy(), self._bias_values.numpy().copy()  # sample_batch's
 
         for t in prompt_ids:
             self._record(t)
@@ -322,6 +324,13 @@ class TokenSampler:
         if not (v > -math.inf).any():  # the ban left nothing to choose: better a repeat than a crash
             v[idx] = before
 
+    @property
+    def argmax_only(self) -> bool:
+        """Greedy, with no processing but logit_bias: the token is the argmax of the biased logits."""
+        p = self.params
+        return p.greedy and p.repetition_penalty == 1.0 and not (
+            p.presence_penalty or p.frequency_penalty or p.no_repeat_ngram_size)
+
     def __call__(self, logits: torch.Tensor) -> int:
         """Pick the next token from 1-D logits [V >= vocab_size], record it and return it."""
         x = self.processed_logits(logits)
@@ -382,5 +391,28 @@ def draw(w: np.ndarray, rng: np.random.Generator) -> int:
 
 
 def sample_batch(samplers: list[TokenSampler], logits: torch.Tensor) -> list[int]:
-    """One token per sequence of a batch: row i of logits [B, V] goes to samplers[i]."""
-    return [sampler(row) for sampler, row in zip(samplers, logits)]
+    """One token per sequence of a batch: row i of logits [B, V] goes to samplers[i], and each sampler records
+    its token. Rows whose sampler only takes the argmax (`argmax_only`: greedy, at most a logit_bias) are
+    done together, in one NumPy argmax over their rows, with each row's bias added to its few entries and
+    taken off again: the same tokens as their samplers give one by one (float32 additions, NumPy's argmax),
+    without copying each row (200 KB) and ~6 small torch ops per row; at batch 8 that took ~1 ms a step."""
+    together = [i for i, s in enumerate(samplers) if s.argmax_only]
+    tokens: list[int | None] = [None] * len(samplers)
+    vocab = {samplers[i].vocab_size for i in together}
+    if len(together) > 1 and len(vocab) == 1 and logits.device.type == "cpu" and logits.dtype == torch.float32:
+        x, V = logits.detach().numpy(), vocab.pop()
+        biased = []
+        for i in together:
+            if samplers[i].bias_arrays is not None:
+                ids, values = samplers[i].bias_arrays
+                biased.append((i, ids, x[i, ids]))  # fancy indexing: a copy
+                x[i, ids] += values
+        try:
+            rows = x[:, :V] if len(together) == len(samplers) else x[together, :V]
+            for i, token in zip(together, rows.argmax(axis=1).tolist()):
+                tokens[i] = token
+                samplers[i].accept(token)
+        finally:
+            for i, ids, before in biased:
+                x[i, ids] = before
+    return [samplers[i](logits[i]) if token is None else token for i, token in enumerate(tokens)]

@@ -185,6 +185,34 @@ def test_sample_batch_and_generated():
     assert samplers[0].history == [1, 2, tokens[0]]
 
 
+def test_sample_batch_gives_each_samplers_own_tokens():
+    """Greedy rows with at most a logit_bias are picked together; every row gets the token its sampler picks
+    alone, step after step, over a padded vocabulary, with ties and a NaN, and the logits stay as they were."""
+    steps = random_logits(5 * 7, vocab=V + 8, seed=3).view(5, 7, V + 8)
+    steps[:, :, V:] = 100.0  # padding columns are never tokens
+    steps[1, 2, [3, 9]] = steps[1, 2].max() + 1  # a tie: the first wins
+    steps[2, 4, 11] = float("nan")  # NaN counts as the largest, as in torch.argmax
+    top = int(steps[0, 0, :V].argmax())
+    params = [
+        SamplingParams(temperature=0, logit_bias={top: -100, 5: 2.5}),
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0, repetition_penalty=1.3),  # processed on its own
+        SamplingParams(temperature=0.8, seed=11),
+        SamplingParams(top_k=1, logit_bias={7: 4.0}),
+        SamplingParams(temperature=0, logit_bias={0: 100}),
+        SamplingParams(temperature=0, logit_bias={1: -3.0}, logprobs=True),
+    ]
+    for rows in (list(range(7)), [0, 1, 4, 5, 6], [0, 3]):
+        together = [TokenSampler(params[r], [1, 2], V) for r in rows]
+        alone = [TokenSampler(params[r], [1, 2], V) for r in rows]
+        for logits in steps[:, rows]:
+            before = logits.clone()
+            tokens = sample_batch(together, logits)
+            torch.testing.assert_close(logits, before, rtol=0, atol=0, equal_nan=True)
+            assert tokens == [sampler(row) for sampler, row in zip(alone, logits)]
+        assert [s.history for s in together] == [s.history for s in alone]
+
+
 def test_input_logits_are_not_modified():
     logits = random_logits(1)[0]
     before = logits.clone()
