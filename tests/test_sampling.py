@@ -15,6 +15,7 @@ from transformers.generation.logits_process import (
 
 from gptchat.errors import ContextLengthError, InvalidParameterError
 from gptchat.sampling import (
+    DRAW_BLOCK,
     SamplingParams,
     TokenSampler,
     apply_min_p,
@@ -356,6 +357,34 @@ def test_draws_over_a_real_vocabulary_follow_the_weights():
     share = w[chosen] / w.sum()
     assert (np.abs(counts[chosen] / n - share) <= 4 * np.sqrt(share * (1 - share) / n)).all()
     assert draw(np.array([0.0, 0.0, 1.0, 0.0], dtype=np.float32), rng) == 2
+
+
+class FixedUniform:
+    """A stand-in for NumPy's generator whose uniform numbers are given."""
+
+    def __init__(self, *values):
+        self.values = list(values)
+
+    def random(self):
+        return self.values.pop(0)
+
+
+@pytest.mark.parametrize("size", [5, DRAW_BLOCK, DRAW_BLOCK + 1, 3 * DRAW_BLOCK + 7])
+def test_draw_takes_the_first_token_past_u_times_the_total(size):
+    """Short arrays (one level) and long ones (two) pick the same token for the same uniform number: the first
+    whose cumulative weight exceeds u * total, never one without weight, the last with weight when u * total
+    rounds up to the total."""
+    g = np.random.default_rng(size)
+    w = (g.random(size) * (g.random(size) < 0.5)).astype(np.float32)
+    w[[0, -1]] = 0.0  # zero weight at both ends
+    w[size // 2] = 1.0
+    cum = np.cumsum(w, dtype=np.float64)
+    last = int(np.flatnonzero(w)[-1])
+    for u in [0.0, 1e-12, *g.random(50), 1 - 2**-53]:
+        token = draw(w, FixedUniform(u))
+        expected = min(int(np.searchsorted(cum, u * cum[-1], side="right")), last)
+        assert token == expected and w[token] > 0, (u, token, expected)
+    assert draw(w, FixedUniform(np.nextafter(1.0, 0.0))) == last
 
 
 @pytest.mark.parametrize("min_p", [0.01, 0.1, 0.5, 0.99])
