@@ -220,8 +220,14 @@ def inductor_build_dir(compiled: Path) -> Path:
         remove_stale_build_dirs(compiled)
         compiled.mkdir(parents=True, exist_ok=True)
         _build_dir = Path(tempfile.mkdtemp(dir=compiled, prefix=f".inductor-{os.getpid()}-"))
-        atexit.register(shutil.rmtree, _build_dir, ignore_errors=True)
+        atexit.register(remove_build_dir, _build_dir, os.getpid())
     return _build_dir
+
+
+def remove_build_dir(path: Path, owner: int) -> None:
+    """At exit: the build folder, by the process that made it only (a forked child inherits the handler)."""
+    if os.getpid() == owner:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def remove_stale_build_dirs(compiled: Path) -> None:

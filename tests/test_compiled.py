@@ -151,7 +151,8 @@ def test_cli_generate_compiles_once(tiny_llama_dir, tmp_path):
 
 def test_stale_build_dirs_are_removed(tmp_path, monkeypatch):
     """Inductor's build folders of processes that are gone go, with the shared folder older versions grew
-    once it is an hour old; a live process's folder stays, and so do the packages."""
+    once it is an hour old; a live process's folder stays, and so do the packages. At exit only the process
+    that made a build folder removes it."""
     import subprocess
     import sys
 
@@ -162,10 +163,15 @@ def test_stale_build_dirs_are_removed(tmp_path, monkeypatch):
     compiled.remove_stale_build_dirs(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [f".inductor-{os.getpid()}-def", "decode-0123.pt2",
                                                           "inductor"]  # the legacy folder was just made
+    mine = tmp_path / f".inductor-{os.getpid()}-def"
+    compiled.remove_build_dir(mine, os.getpid() + 1)  # as a forked child would at its exit: not its folder
+    assert mine.is_dir()
     old = time.time() - compiled.STALE_LEGACY_S - 60
     os.utime(tmp_path / "inductor", (old, old))
     compiled.remove_stale_build_dirs(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [f".inductor-{os.getpid()}-def", "decode-0123.pt2"]
+    compiled.remove_build_dir(mine, os.getpid())
+    assert not mine.exists()
 
 
 def test_failed_compile_falls_back_to_eager(tiny_llama_dir, monkeypatch):
