@@ -11,6 +11,11 @@ so that a user's settings mean what they mean elsewhere.
 
 A `TokenSampler` holds one sequence's state (history, a `seen` mask, token counts, n-gram table, RNG)
 and updates it by one token per step, so the per-token cost does not grow with the sequence.
+
+Where this process has gptchat's kernels loaded (quantized models load them), a sampled token without top-k
+is drawn in one call to `kernels/sampling.cpp`: the same rule as the NumPy steps here (which it is tested
+against, token for token), without their ~20 calls that cost 5-30 us each right after a decode step. Logits
+that need no bias, penalty or ban are read where they are, not copied.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gptchat import kernels
 from gptchat.errors import ContextLengthError, InvalidParameterError
 
 MAX_STOP_STRINGS = 16
@@ -332,12 +338,39 @@ class TokenSampler:
         return p.greedy and p.repetition_penalty == 1.0 and not (
             p.presence_penalty or p.frequency_penalty or p.no_repeat_ngram_size)
 
+    @property
+    def unprocessed(self) -> bool:
+        """No logit_bias, penalty or n-gram ban: the raw logits go straight to the argmax or the draw."""
+        p = self.params
+        return not (self._bias_ids is not None or p.repetition_penalty != 1.0 or p.presence_penalty
+                    or p.frequency_penalty or p.no_repeat_ngram_size)
+
     def __call__(self, logits: torch.Tensor) -> int:
         """Pick the next token from 1-D logits [V >= vocab_size], record it and return it."""
-        x = self.processed_logits(logits)
-        token = argmax(x) if self.params.greedy else self._sample(x)
+        p = self.params
+        raw = self.unprocessed and logits.device.type == "cpu" and logits.dtype == torch.float32
+        x = logits[: self.vocab_size] if raw else self.processed_logits(logits)  # the raw row is only read
+        token = argmax(x) if p.greedy else self._sample_token(x)
+        if token is None:  # the NumPy path, which changes its logits in place: the sampler's own copy
+            token = self._sample(self.processed_logits(logits) if raw else x)
         self.accept(token)
         return token
+
+    def _sample_token(self, x: torch.Tensor) -> int | None:
+        """The draw in one call to gptchat's kernel (kernels/sampling.cpp), where it is loaded and can take
+        it: CPU float32 logits, no top-k; else (or for NaN or infinite logits) None."""
+        p = self.params
+        ops = kernels.loaded()
+        if ops is None or p.top_k or x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous():
+            return None
+        token = ops.sample_token(x, self.vocab_size, p.temperature, p.top_p, p.min_p, self._uniform())
+        return token if token >= 0 else None
+
+    def _uniform(self) -> float:
+        """The next uniform number in [0, 1) of this sequence's (seeded) generator."""
+        if self._rng is None:
+            self._rng = np.random.default_rng(None if self.params.seed is None else self.params.seed & 0xFFFF_FFFF_FFFF_FFFF)
+        return self._rng.random()
 
     def _sample(self, x: torch.Tensor) -> int:
         """Draw from processed logits x (the sampler's own buffer: changed in place).
@@ -356,9 +389,7 @@ class TokenSampler:
             w = w[candidates]
         if p.min_p > 0.0:
             w = np.where(min_p_keep(w, p.min_p), w, 0.0)
-        if self._rng is None:
-            self._rng = np.random.default_rng(None if p.seed is None else p.seed & 0xFFFF_FFFF_FFFF_FFFF)
-        token = draw(w, self._rng)
+        token = draw(w, self._uniform())
         return int(candidates[token]) if candidates is not None else token
 
 
@@ -371,7 +402,7 @@ def argmax(x: torch.Tensor) -> int:
 DRAW_BLOCK = 256  # tokens per block in draw's two-level search
 
 
-def draw(w: np.ndarray, rng: np.random.Generator) -> int:
+def draw(w: np.ndarray, u: float) -> int:
     """One token drawn from 1-D probabilities, or weights proportional to them, by inverting their cumulative
     sum at a uniform number: the first token whose cumulative weight exceeds u * total. The cumulative sum
     is taken in two levels, over blocks of DRAW_BLOCK tokens and then within the one block the number falls
@@ -381,13 +412,13 @@ def draw(w: np.ndarray, rng: np.random.Generator) -> int:
     where the two levels made 12; right after a decode step each cost 10-30 us here."""
     if w.size <= DRAW_BLOCK:
         cum = np.cumsum(w, dtype=np.float64)
-        i = int(np.searchsorted(cum, rng.random() * cum[-1], side="right"))
+        i = int(np.searchsorted(cum, u * cum[-1], side="right"))
         # u * total may round up to the total: then the last token with any weight
         return i if i < w.size else int(np.searchsorted(cum, cum[-1], side="left"))
     starts = np.arange(0, w.size, DRAW_BLOCK)
     sums = np.add.reduceat(w, starts, dtype=np.float64)
     cum = np.cumsum(sums)
-    target = rng.random() * cum[-1]
+    target = u * cum[-1]
     # the last block with any weight: u * total may round up to (or past) the end
     b = min(int(np.searchsorted(cum, target, side="right")), int(np.flatnonzero(sums)[-1]))
     block = w[starts[b] : starts[b] + DRAW_BLOCK]

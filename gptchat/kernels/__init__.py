@@ -1,5 +1,6 @@
-"""gptchat's own CPU kernel for quantized matmuls (decoding, batches and prompts) and for the attention of a
-decoded token over its cache: quant_matmul.cpp.
+"""gptchat's own CPU kernels: quantized matmuls (decoding, batches and prompts) and the attention of a
+decoded token over its cache (quant_matmul.cpp), and a sampled token drawn from a row of logits in one call
+(sampling.cpp; gptchat/sampling.py uses it whenever the library is loaded).
 
 PyTorch's weight-only int4 kernel converts bfloat16 activations in software on CPUs without avx512_bf16,
 which makes it compute-bound there. This one does what llama.cpp does on AVX2: activations quantized to
@@ -28,7 +29,7 @@ from ..cpu import cpu_flags
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("quant_matmul.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("quant_matmul.cpp", "sampling.cpp")]
 BLOCK = 32  # columns per quantization block, on both sides of the dot products
 # -ffp-contract=off: a * b + c stays two roundings where the source says so (dequantization matches PyTorch's).
 # -fopenmp: at::parallel_for is inline OpenMP in ATen's headers; without the flag the pragma is dropped and
@@ -47,7 +48,8 @@ def build_target() -> tuple[str, Path]:
     """(library name, build folder): cache/kernels/<hash of the source, the flags and the torch version>."""
     from ..checkpoints import cache_root
 
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode()).hexdigest()[:16]
+    code = b"".join(source.read_bytes() for source in SOURCES)
+    key = hashlib.sha256(code + " ".join(CFLAGS).encode() + torch.__version__.encode()).hexdigest()[:16]
     return f"gptchat_quant_matmul_{key}", cache_root() / "kernels" / key
 
 
@@ -71,12 +73,12 @@ def build():
         try:
             find_ninja()
             build_dir.mkdir(parents=True, exist_ok=True)
-            cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(build_dir),
+            cpp_extension.load(name=name, sources=[str(source) for source in SOURCES], build_directory=str(build_dir),
                                extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         except Exception as e:  # no compiler, no ninja, a failed build: PyTorch's kernels still work
             last_line = (str(e).strip().splitlines() or [""])[-1]
             log.warning("gptchat kernels: could not build %s (%s: %s); using PyTorch's quantized matmuls",
-                        SOURCE.name, type(e).__name__, last_line)
+                        " and ".join(source.name for source in SOURCES), type(e).__name__, last_line)
             return None
     register_fakes()
     return torch.ops.gptchat
@@ -129,7 +131,7 @@ def disabled() -> bool:
 
 
 def ops():
-    """torch.ops.gptchat (to_lanes, int4_linear, int8_linear, gqa_scores, gqa_mix), or None: unsupported, failed to build, or GPTCHAT_KERNELS=aten."""
+    """torch.ops.gptchat (to_lanes, int4_linear, int8_linear, gqa_scores, gqa_mix, sample_token), or None: unsupported, failed to build, or GPTCHAT_KERNELS=aten."""
     if disabled():
         return None
     if not _loaded:
