@@ -41,6 +41,12 @@ def prefill_dtype() -> torch.dtype:
     if choice in ("bfloat16", "bf16"):
         return torch.bfloat16
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+def prompt_precision():
+    """The autocast context prompts run in: bfloat16 where prefill_dtype() says so (matmuls, attention; the
+    quantized layers then dequantize to bfloat16 for prompts of 64 tokens or more), else none."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=prefill_dtype() == torch.bfloat16)
+
+
 CACHE_START = 1024  # positions allocated up front; the KV cache doubles when a sequence outgrows it
 JOIN_HEADROOM = 128  # free positions a batch's cache gets when a row joins
 
@@ -183,10 +189,9 @@ class Engine:
         shared = min(shared, len(prompt_ids) - 1)  # at least one token must run to give logits
         self._cache.truncate(shared)
         self._cached_ids = self._cached_ids[:shared]
-        dtype = prefill_dtype()
         for start in range(shared, len(prompt_ids), PREFILL_CHUNK):
             chunk = prompt_ids[start : start + PREFILL_CHUNK]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            with prompt_precision():
                 logits = self.model(torch.tensor([chunk]), cache=self._cache, last_only=True)
             self._cached_ids += chunk
         return logits[0, -1].float()
@@ -252,7 +257,8 @@ class Engine:
 
     def prefill_chunk(self, cache: KVCache, chunk: Sequence[int]) -> torch.Tensor:
         """Append one chunk of a single sequence's prompt to its cache; the logits after its last token."""
-        return self.model(torch.tensor([list(chunk)]), cache=cache, last_only=True)[0, -1]
+        with prompt_precision():
+            return self.model(torch.tensor([list(chunk)]), cache=cache, last_only=True)[0, -1].float()
 
 
 class DecodeBatch:

@@ -12,7 +12,7 @@ import torch
 
 import gptchat
 import gptchat.compiled as compiled
-from gptchat import Engine, SamplingParams
+from gptchat import Engine, SamplingParams, kernels
 from gptchat.engine import DecodeBatch
 
 PROMPT = [5, 6, 7, 8, 9, 10]
@@ -218,20 +218,35 @@ def test_a_step_that_fails_while_running_is_not_run_again(tiny_llama_dir):
     assert decoder(9, cache) is None and len(runs) == 1 and cache.length == len(PROMPT)
 
 
-def test_bf16_prefill_stays_close(tiny_llama_dir, monkeypatch):
-    """Prefill in bfloat16 (automatic on CPUs with avx512_bf16/AMX; forced here) keeps the greedy tokens."""
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+@pytest.mark.parametrize("prompt_len", [37, 100])  # below and above quantize.BF16_PROMPT_ROWS
+def test_bf16_prefill_stays_close(tiny_llama_dir, monkeypatch, quant, prompt_len):
+    """Prefill in bfloat16 (automatic on CPUs with avx512_bf16/AMX; forced here) keeps the greedy tokens, in
+    the engine and in the server's chunked prefill; prompts of 64 tokens or more take the quantized layers'
+    bfloat16 matmul, shorter ones gptchat's kernel."""
     from gptchat import engine as engine_module
+    from gptchat import quantize
 
-    lm = gptchat.load_model(tiny_llama_dir[0], quant="int8")
+    lm = gptchat.load_model(tiny_llama_dir[0], quant=quant)
+    prompt = [3 + i % 300 for i in range(prompt_len)]
     params = SamplingParams(temperature=0, max_new_tokens=8)
     monkeypatch.setenv("GPTCHAT_PREFILL_DTYPE", "float32")
     assert engine_module.prefill_dtype() == torch.float32
     fp32 = Engine(lm)
-    exact = fp32._prefill(list(range(3, 40)), 50)
+    exact = fp32._prefill(prompt, prompt_len + 10)
     expected = Engine(lm).generate(PROMPT, params).token_ids
     monkeypatch.setenv("GPTCHAT_PREFILL_DTYPE", "bfloat16")
+    took_bf16 = []
+    bf16_prompt = quantize.bf16_prompt
+    monkeypatch.setattr(quantize, "bf16_prompt", lambda x, k: took_bf16.append(bf16_prompt(x, k)) or took_bf16[-1])
     bf16 = Engine(lm)
-    approx = bf16._prefill(list(range(3, 40)), 50)
+    approx = bf16._prefill(prompt, prompt_len + 10)
     assert approx.dtype == torch.float32 and bf16._cache.k.dtype == lm.model.cache_dtype()  # not bfloat16
     assert (approx - exact).abs().max() < 0.05 * exact.abs().max()
+    assert any(took_bf16) == (prompt_len >= quantize.BF16_PROMPT_ROWS and kernels.ops() is not None)
+    cache = lm.model.new_cache(1, prompt_len + 10)
+    with torch.inference_mode():
+        chunked = bf16.prefill_chunk(cache, prompt[:50])
+        chunked = bf16.prefill_chunk(cache, prompt[50:]) if prompt_len > 50 else chunked
+    assert chunked.dtype == torch.float32 and (chunked - exact).abs().max() < 0.05 * exact.abs().max()
     assert Engine(lm).generate(PROMPT, params).token_ids == expected

@@ -153,6 +153,42 @@ def test_weights_in_any_memory_layout(ops):
     assert all(torch.equal(a, b) for a, b in zip(ops.to_lanes(*strided), parts))
 
 
+@pytest.mark.parametrize("kind", ["int4", "int8 grouped", "int8 per row"])
+@pytest.mark.parametrize("N,K", [(8, 32), (21, 96), (96, 576), (44, 1536)])
+def test_bf16_dequantization_equals_dequantized_weights(ops, kind, N, K):
+    """lanes_to_bf16 gives the layer's dequantized float32 weights rounded to bfloat16, bit for bit, for row
+    counts that fill the last group of 8 or not."""
+    q = layer(kind, N, K)
+    expected = q.dequantized().bfloat16()
+    parts = ops.to_lanes(*portable(q), *([] if kind == "int4" else [None]))
+    got = ops.lanes_to_bf16(parts[0], parts[1], parts[2] if kind == "int4" else None, N)
+    assert got.dtype == torch.bfloat16 and got.shape == (N, K)
+    assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8 grouped", "int8 per row"])
+def test_prompts_under_bf16_autocast_take_a_bf16_matmul(ops, kind):
+    """Under bfloat16 autocast (the engine's prompts on CPUs with avx512_bf16), a layer given at least
+    BF16_PROMPT_ROWS rows multiplies them in bfloat16 by its dequantized weights; fewer rows, and every row
+    without autocast, go through the kernel in float32."""
+    q = layer(kind, 40, 96)
+    q.bias = torch.randn(40)
+    w = q.dequantized()
+    for rows in (1, quantize.BF16_PROMPT_ROWS - 1, quantize.BF16_PROMPT_ROWS, 200):
+        x = torch.randn(1, rows, 96, generator=torch.Generator().manual_seed(rows))
+        kernel = q(x)
+        assert kernel.dtype == torch.float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = q(x)
+            reference = torch.nn.functional.linear(x, w.bfloat16(), q.bias)
+        if rows < quantize.BF16_PROMPT_ROWS:
+            assert torch.equal(y, kernel)
+        else:
+            assert y.dtype == torch.bfloat16 and y.shape == (1, rows, 40)
+            assert torch.equal(y, reference)
+            torch.testing.assert_close(y.float(), x @ w.T + q.bias, rtol=0.02, atol=0.02)
+
+
 def test_fake_kernel_for_torch_compile(ops):
     q = layer("int8 grouped", 60, 128)
     parts = ops.to_lanes(q.weight, q.scale, None)
@@ -161,6 +197,7 @@ def test_fake_kernel_for_torch_compile(ops):
     parts = ops.to_lanes(*portable(q))
     torch.library.opcheck(torch.ops.gptchat.int4_linear.default, (torch.randn(3, 128), *parts, 60))
     torch.library.opcheck(torch.ops.gptchat.to_lanes.default, portable(q))
+    torch.library.opcheck(torch.ops.gptchat.lanes_to_bf16.default, (*parts, 60))
 
 
 def test_aten_fallback(ops, monkeypatch):

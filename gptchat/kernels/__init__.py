@@ -116,6 +116,11 @@ def register_fakes() -> None:
     def _(x, weight, scale, N):
         return x.new_empty(x.shape[0], N)
 
+    @torch.library.register_fake("gptchat::lanes_to_bf16")
+    def _(weight, scale, offset, N):
+        K = weight.shape[1] // (8 * 32 // (2 if offset is not None else 1)) * 32
+        return weight.new_empty(N, K, dtype=torch.bfloat16)
+
     @torch.library.register_fake("gptchat::gqa_scores")
     def _(q, k):
         return q.new_empty(q.shape[0], q.shape[1], k.shape[2])
@@ -131,7 +136,7 @@ def disabled() -> bool:
 
 
 def ops():
-    """torch.ops.gptchat (to_lanes, int4_linear, int8_linear, gqa_scores, gqa_mix, sample_token), or None: unsupported, failed to build, or GPTCHAT_KERNELS=aten."""
+    """torch.ops.gptchat (to_lanes, int4_linear, int8_linear, gqa_scores, gqa_mix, lanes_to_bf16, sample_token), or None: unsupported, failed to build, or GPTCHAT_KERNELS=aten."""
     if disabled():
         return None
     if not _loaded:

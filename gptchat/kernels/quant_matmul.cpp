@@ -13,10 +13,11 @@
 // dequantized weight times the quantized x; an int8 block's sum can pass 2^24 and is rounded to float32's
 // 24 bits when converted, as any float32 sum would be.
 //
-// Prompts take the same path. On this project's 2-vCPU Zen 3 machine _mm256_madd_epi16 runs at about float32
-// FMA's rate (16 products a cycle), so with many rows this kernel and a float32 matmul multiply equally fast,
-// but the kernel skips converting each layer's weights to float32 first: 1.5-2.4x faster at 64-128 rows,
-// ~1.1x at 512 (SmolLM2's int4 layers).
+// Prompts take the same path on CPUs without fast bfloat16. On a 2-vCPU Zen 3 _mm256_madd_epi16 runs at about
+// float32 FMA's rate (16 products a cycle), so with many rows this kernel and a float32 matmul multiply equally
+// fast, but the kernel skips converting each layer's weights to float32 first: 1.5-2.4x faster at 64-128 rows,
+// ~1.1x at 512 (SmolLM2's int4 layers). Where the CPU has avx512_bf16, prompts of 64 rows or more go to a
+// bfloat16 matmul instead, on weights dequantized by `lanes_to_bf16` (below; quantize.bf16_prompt).
 //
 // The kernel reads the weights in its own layout (lanes, below), which Int4Linear and Int8Linear hold in memory
 // while gptchat's kernel serves them; checkpoints keep the portable row-major form.
@@ -31,6 +32,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -275,6 +277,74 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   return lanes_matmul<false>(check_x(x, K), w, N);
 }
 
+// ---- dequantized to bfloat16, for prompts on CPUs with fast bfloat16 matmuls ----
+//
+// Where the CPU has avx512_bf16, a long prompt goes faster through a bfloat16 matmul (oneDNN) on the layer's
+// weights dequantized for the occasion than through the integer dot products above, which run at float32's rate.
+// w = q * scale (+ offset) in float32, a multiplication then an addition (as quantize.py's `dequantized`), rounded
+// to the nearest bfloat16 (ties to even, as PyTorch's conversion): the same numbers as dequantized().bfloat16().
+
+inline __m128i to_bf16(__m256 f) {  // 8 finite floats, rounded to nearest even
+  const __m256i bits = _mm256_castps_si256(f);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  return _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+}
+
+template <bool INT4>
+void dequantize_group(const Lanes& w, int64_t g, int64_t G, int64_t N, int64_t K, uint16_t* out) {
+  constexpr int CHUNKS = INT4 ? 8 : 16;
+  alignas(32) int16_t values[LANES][BLOCK];
+  const int64_t rows = std::min(LANES, N - g * LANES);
+  for (int64_t b = 0; b < G; ++b) {
+    const uint8_t* q = w.q + (g * G + b) * CHUNKS * 16;
+    for (int c = 0; c < CHUNKS; ++c) {  // bytes 2j, 2j + 1 of a chunk belong to row j (see the layout above)
+      const __m256i v = INT4 ? _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * c)))
+                             : _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * c)));
+      alignas(32) int32_t pairs[2][LANES];  // row j's two values from the low nibbles (int4) or the bytes (int8)
+      if (INT4) {  // low nibbles: values 4c, 4c + 1; high: 4c + 2, 4c + 3
+        _mm256_store_si256(reinterpret_cast<__m256i*>(pairs[0]), _mm256_and_si256(v, _mm256_set1_epi16(15)));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(pairs[1]), _mm256_srli_epi16(v, 4));
+        for (int j = 0; j < LANES; ++j) {
+          std::memcpy(&values[j][4 * c], &pairs[0][j], 4);
+          std::memcpy(&values[j][4 * c + 2], &pairs[1][j], 4);
+        }
+      } else {  // values 2c, 2c + 1
+        _mm256_store_si256(reinterpret_cast<__m256i*>(pairs[0]), v);
+        for (int j = 0; j < LANES; ++j) std::memcpy(&values[j][2 * c], &pairs[0][j], 4);
+      }
+    }
+    for (int64_t j = 0; j < rows; ++j) {
+      const __m256 scale = _mm256_set1_ps(static_cast<float>(w.scale[(g * G + b) * LANES + j]));
+      const __m256 offset = INT4 ? _mm256_set1_ps(static_cast<float>(w.offset[(g * G + b) * LANES + j])) : _mm256_setzero_ps();
+      uint16_t* row = out + (g * LANES + j) * K + b * BLOCK;
+      for (int k = 0; k < BLOCK; k += 8) {
+        const __m256 q8 = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(&values[j][k]))));
+        __m256 f = _mm256_mul_ps(q8, scale);
+        if (INT4) f = _mm256_add_ps(f, offset);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(row + k), to_bf16(f));
+      }
+    }
+  }
+}
+
+// The N rows of a lanes-layout weight as bfloat16 [N, K].
+at::Tensor lanes_to_bf16(const at::Tensor& weight, const at::Tensor& scale, const c10::optional<at::Tensor>& offset, int64_t N) {
+  const bool int4 = offset.has_value() && offset->defined();
+  const int64_t K = weight.size(-1) / (LANES * BLOCK / (int4 ? 2 : 1)) * BLOCK, G = K / BLOCK;
+  const auto t = lanes_inputs(weight, scale, int4 ? &*offset : nullptr, N, K);
+  const Lanes w{reinterpret_cast<const uint8_t*>(t[0].data_ptr()), t[1].data_ptr<at::Half>(),
+                int4 ? t[2].data_ptr<at::Half>() : nullptr};
+  at::Tensor out = at::empty({N, K}, weight.options().dtype(at::kBFloat16));
+  uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr());
+  at::parallel_for(0, (N + LANES - 1) / LANES, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      if (int4) dequantize_group<true>(w, g, G, N, K, o); else dequantize_group<false>(w, g, G, N, K, o);
+    }
+  });
+  return out;
+}
+
 // ---- attention of one new token per row over its cache (decoding) ----
 // Each group of G = H / Hkv query heads shares one key/value head. PyTorch runs this as small matmuls (G query
 // rows against up to thousands of keys), and a compiled step as single-threaded loops; here each key and value
@@ -415,6 +485,7 @@ TORCH_LIBRARY(gptchat, m) {
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scale, int N) -> Tensor");
   m.def("gqa_scores(Tensor q, Tensor k) -> Tensor");
   m.def("gqa_mix(Tensor p, Tensor v) -> Tensor");
+  m.def("lanes_to_bf16(Tensor weight, Tensor scale, Tensor? offset, int N) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gptchat, CPU, m) {
@@ -423,4 +494,5 @@ TORCH_LIBRARY_IMPL(gptchat, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("gqa_scores", &gqa_scores);
   m.impl("gqa_mix", &gqa_mix);
+  m.impl("lanes_to_bf16", &lanes_to_bf16);
 }
