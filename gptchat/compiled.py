@@ -18,7 +18,7 @@ package serves every model of the same architecture and quantization (a fine-tun
 On PyTorch's kernels the step reads weight copies in those kernels' layout, which the package embeds;
 such a package belongs to one model's weights. A package's file name is a fingerprint of what it
 depends on: the architecture and weight layout (and, when embedded, the weights), gptchat's source, this
-torch and this CPU. The fused loops are compiled single-threaded
+torch and this CPU; packages no run has loaded for a month are removed at the next build. The fused loops are compiled single-threaded
 (they touch a few thousand numbers each; spreading them over threads costs a barrier each, and on a
 machine shared with other work a barrier waits for a descheduled thread), while the quantized matmuls
 inside stay calls to their kernels (gptchat/kernels, else PyTorch's), which use all of torch's threads.
@@ -206,6 +206,30 @@ def exported_step(model: GPT, batched: bool):
 
 _build_dir: Path | None = None
 STALE_LEGACY_S = 3600  # the shared folder of older versions goes once no build has touched it for this long
+UNUSED_PACKAGE_S = 30 * 24 * 3600  # a package not loaded for this long is removed at the next build
+
+
+def remove_unused_packages(compiled: Path, keep: Path) -> None:
+    """Remove packages (and failure markers) that no run has loaded for UNUSED_PACKAGE_S: a package's name is
+    a fingerprint of gptchat's source, torch and the model, so every update of either leaves the old ones
+    (~4 MB each, a model's weights when they are embedded) where nothing reads them again. Loading a package
+    touches it (`touch_package`); a build, rare, is when the folder is swept."""
+    now = time.time()
+    for entry in compiled.glob("decode-*"):
+        if entry.suffix in (".pt2", ".failed") and entry != keep:
+            try:
+                if now - entry.stat().st_mtime > UNUSED_PACKAGE_S:
+                    entry.unlink()
+            except OSError:
+                pass
+
+
+def touch_package(path: Path) -> None:
+    """Mark a package as used now (its modification time), for remove_unused_packages; best effort."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
 
 
 def inductor_build_dir(compiled: Path) -> Path:
@@ -275,6 +299,7 @@ def export_and_compile(model: GPT, path: Path, batched: bool = False) -> None:
             inductor_configs={"aot_inductor.package_constants_in_so": not weights_outside(),
                               "aot_inductor.precompile_headers": False})
         os.replace(tmp, path)
+        remove_unused_packages(path.parent, keep=path)
     finally:
         torch.set_num_threads(threads)
         if os.path.exists(tmp):
@@ -350,6 +375,7 @@ class CompiledDecoder:
                         print(f"gptchat: compiled in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
                 kernels.ops()  # the package calls gptchat's kernel ops: load them first
                 runner = load_package(path)
+                touch_package(path)
                 if weights_outside():
                     self._give_weights(runner)
                 else:

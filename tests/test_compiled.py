@@ -55,10 +55,12 @@ def test_compiled_equals_eager(tiny_llama_dir, quant, monkeypatch):
     # a new process (here: a new decoder) loads the package instead of compiling again
     path = compiled.package_path(lm.model)
     assert path.is_file()
-    stamp = path.stat().st_mtime_ns
+    stamp, old = path.stat().st_ino, time.time() - 3600
+    os.utime(path, (old, old))
     again = Engine(lm, compile=True)
     assert again.generate(PROMPT, params).token_ids == eager.token_ids
-    assert path.stat().st_mtime_ns == stamp
+    assert path.stat().st_ino == stamp  # the same file: not built again (a build replaces it)
+    assert path.stat().st_mtime > old + 60  # marked as used (compiled.remove_unused_packages)
 
     # with gptchat's kernel the package holds code only and reads the model's own tensors: another model
     # of the same shape (a fine-tune) reuses it, with its own weights
@@ -70,7 +72,7 @@ def test_compiled_equals_eager(tiny_llama_dir, quant, monkeypatch):
         tuned_eager = Engine(tuned).generate(PROMPT, params).token_ids
         assert tuned_eager != eager.token_ids  # the change matters...
         assert Engine(tuned, compile=True).generate(PROMPT, params).token_ids == tuned_eager  # ...and is seen
-        assert path.stat().st_mtime_ns == stamp
+        assert path.stat().st_ino == stamp
 
 
 @pytest.mark.slow
@@ -172,6 +174,24 @@ def test_stale_build_dirs_are_removed(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == [f".inductor-{os.getpid()}-def", "decode-0123.pt2"]
     compiled.remove_build_dir(mine, os.getpid())
     assert not mine.exists()
+
+
+def test_packages_unused_for_a_month_are_removed(tmp_path):
+    """A build sweeps the packages (and failure markers) no run has loaded for UNUSED_PACKAGE_S, never the
+    one just built nor anything that is not a package."""
+    old = time.time() - compiled.UNUSED_PACKAGE_S - 60
+    names = ["decode-old.pt2", "decode-batch-old.pt2", "decode-old.failed", "decode-recent.pt2", "decode-new.pt2",
+             "notes-decode.txt", "decode-old.txt"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+        if "old" in name or name == "decode-new.pt2":
+            os.utime(tmp_path / name, (old, old))
+    compiled.remove_unused_packages(tmp_path, keep=tmp_path / "decode-new.pt2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["decode-new.pt2", "decode-old.txt", "decode-recent.pt2",
+                                                          "notes-decode.txt"]
+    compiled.touch_package(tmp_path / "decode-new.pt2")
+    assert (tmp_path / "decode-new.pt2").stat().st_mtime > old + 60
+    compiled.touch_package(tmp_path / "missing.pt2")  # best effort: no error
 
 
 def test_failed_compile_falls_back_to_eager(tiny_llama_dir, monkeypatch):
