@@ -310,8 +310,9 @@ def bf16_prompt(x: torch.Tensor, in_features: int) -> bool:
     float32's rate; oneDNN's bfloat16 matmul, with avx512_bf16, twice as fast. On SmolLM2's int4 layers, 2
     threads of an avx512_bf16 Zen 4, dequantizing included: 1.4x faster at 64 rows, 2.4x at 512; even at 32;
     3x slower at 8."""
-    return (x.numel() >= BF16_PROMPT_ROWS * in_features and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+    # autocast first: it is off while the decode steps are traced, so their symbolic batch size is never compared
+    return (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and x.numel() >= BF16_PROMPT_ROWS * in_features)
 
 
 def rows_output(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -332,18 +332,20 @@ class TokenSampler:
             v[idx] = before
 
     @property
+    def penalized(self) -> bool:
+        """Whether a repetition, presence or frequency penalty or an n-gram ban changes the logits."""
+        p = self.params
+        return bool(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.no_repeat_ngram_size)
+
+    @property
     def argmax_only(self) -> bool:
         """Greedy, with no processing but logit_bias: the token is the argmax of the biased logits."""
-        p = self.params
-        return p.greedy and p.repetition_penalty == 1.0 and not (
-            p.presence_penalty or p.frequency_penalty or p.no_repeat_ngram_size)
+        return self.params.greedy and not self.penalized
 
     @property
     def unprocessed(self) -> bool:
         """No logit_bias, penalty or n-gram ban: the raw logits go straight to the argmax or the draw."""
-        p = self.params
-        return not (self._bias_ids is not None or p.repetition_penalty != 1.0 or p.presence_penalty
-                    or p.frequency_penalty or p.no_repeat_ngram_size)
+        return self._bias_ids is None and not self.penalized
 
     def __call__(self, logits: torch.Tensor) -> int:
         """Pick the next token from 1-D logits [V >= vocab_size], record it and return it."""
