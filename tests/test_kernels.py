@@ -8,10 +8,13 @@ float rounding. The kernel reads the weights in its own layout (8 rows side by s
 hold the same values as the portable one.
 """
 
+import os
+
 import pytest
 import torch
 
 from gptchat import kernels, quantize
+from gptchat.cpu import cpu_flags
 from gptchat.quantize import Int4Linear, Int8Linear, quantize_int8
 
 SHAPES = [(96, 576), (44, 1536), (12290, 576)]  # (N, K): a small layer, SmolLM2's down_proj K, a tall head
@@ -74,6 +77,25 @@ def test_kernel_matches_dequantized_matmul(ops, kind, N, K):
         assert ((y - exact).abs() <= half_step @ w.abs().T + rounding).all(), (kind, M)
         assert torch.equal(q(x), y)  # the layer's forward uses the kernel, for decoding and prompts
     assert q.lanes  # and from then on holds the kernel's layout
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8 grouped", "int8 per row"])
+def test_vnni_and_avx2_dot_products_give_the_same_numbers(ops, kind):
+    """Where the CPU has AVX512-VNNI the kernel's integer dot products take vpdpwssd; its sums are exact, as
+    _mm256_madd_epi16's and an addition's are, so both give the same result bit for bit, at every tile size.
+    Elsewhere set_vnni(True) says it is off."""
+    has_vnni = {"avx512_vnni", "avx512vl"} <= cpu_flags()
+    q = layer(kind, 44, 1536)
+    try:
+        assert ops.set_vnni(True) == has_vnni
+        for M in ROWS:
+            x = torch.randn(M, 1536, generator=torch.Generator().manual_seed(M))
+            assert ops.set_vnni(True) == has_vnni
+            vnni = kernel_matmul(ops, q, x)
+            assert ops.set_vnni(False) is False
+            assert torch.equal(vnni, kernel_matmul(ops, q, x)), (kind, M)
+    finally:
+        ops.set_vnni(os.environ.get("GPTCHAT_VNNI") != "0")  # the library's default
 
 
 @pytest.mark.parametrize("kind", ["int4", "int8 grouped", "int8 per row"])

@@ -136,7 +136,7 @@ def disabled() -> bool:
 
 
 def ops():
-    """torch.ops.gptchat (to_lanes, int4_linear, int8_linear, gqa_scores, gqa_mix, lanes_to_bf16, sample_token), or None: unsupported, failed to build, or GPTCHAT_KERNELS=aten."""
+    """torch.ops.gptchat (to_lanes, int4_linear, int8_linear, gqa_scores, gqa_mix, lanes_to_bf16, set_vnni, sample_token), or None: unsupported, failed to build, or GPTCHAT_KERNELS=aten."""
     if disabled():
         return None
     if not _loaded:
