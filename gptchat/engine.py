@@ -41,6 +41,8 @@ def prefill_dtype() -> torch.dtype:
     if choice in ("bfloat16", "bf16"):
         return torch.bfloat16
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
 def prompt_precision():
     """The autocast context prompts run in: bfloat16 where prefill_dtype() says so (matmuls, attention; the
     quantized layers then dequantize to bfloat16 for prompts of 64 tokens or more), else none."""

@@ -251,12 +251,21 @@ class KernelLayout:
         values = lane_values(lane_pairs(self.weight, blocks, int4)[g, :, :, j, :], int4)
         return values, tuple(getattr(self, n).view(-1, blocks, LANES)[g, :, j].float() for n in self.PARTS[1:])
 
+    def lane_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(weight, scale, offset), offset None for int8: the kernel layout's tensors as its ops take them."""
+        offset = self.offset if len(self.PARTS) == 3 else None
+        return self.weight, self.scale, offset
+
+    def bf16_linear(self, ops, x: torch.Tensor) -> torch.Tensor:
+        """x times the weights dequantized to bfloat16 (`lanes_to_bf16`), plus the bias: a prompt under bfloat16
+        autocast (bf16_prompt)."""
+        return F.linear(x, ops.lanes_to_bf16(*self.lane_tensors(), self.out_features), self.bias)
+
     def portable(self) -> dict[str, torch.Tensor]:
         """The tensors in the portable layout (converted back when the kernel layout is held)."""
         if not self.lanes:
             return {name: getattr(self, name) for name in self.PARTS}
-        parts = lanes_to_portable(*(getattr(self, n) for n in self.PARTS), *([None] if len(self.PARTS) == 2 else []),
-                                  self.out_features, self.in_features)
+        parts = lanes_to_portable(*self.lane_tensors(), self.out_features, self.in_features)
         parts["scale"] = parts["scale"][:, : self.portable_scale_groups].contiguous()  # one scale per row, if so
         return parts
 
@@ -387,7 +396,7 @@ class Int8Linear(KernelLayout, nn.Module):
         ops = own_kernel_for(x, self.in_features)
         if self.kernel_ready(ops):
             if bf16_prompt(x, self.in_features):
-                return F.linear(x, ops.lanes_to_bf16(self.weight, self.scale, None, self.out_features), self.bias)
+                return self.bf16_linear(ops, x)
             y = ops.int8_linear(x.reshape(-1, self.in_features).float(), self.weight, self.scale, self.out_features)
             return rows_output(x, y, self.bias)
         usable = int8_kernel_available() if per_row else int4_kernel_available() and int4_fits(
@@ -455,7 +464,7 @@ class Int4Linear(KernelLayout, nn.Module):
         ops = own_kernel_for(x, self.in_features)
         if self.kernel_ready(ops):
             if bf16_prompt(x, self.in_features):
-                return F.linear(x, ops.lanes_to_bf16(self.weight, self.scale, self.offset, self.out_features), self.bias)
+                return self.bf16_linear(ops, x)
             y = ops.int4_linear(x.reshape(-1, self.in_features).float(), self.weight, self.scale, self.offset,
                                 self.out_features)
             return rows_output(x, y, self.bias)
