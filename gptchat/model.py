@@ -194,9 +194,12 @@ class Attention(nn.Module):
             k, v = cache.update(layer, k, v)
         gqa = self.n_kv_head != self.n_head
         ops = decode_attention_ops(q, self.n_head // self.n_kv_head) if T == 1 else None
-        if ops is None and k.dtype != q.dtype:  # a float16 cache, for PyTorch's attention
+        prompt_ops = prompt_attention_ops(q) if T > 1 and mask is None and ops is None else None
+        if ops is None and prompt_ops is None and k.dtype != q.dtype:  # a float16 cache, for PyTorch's attention
             k, v = k.to(q.dtype), v.to(q.dtype)
-        if ops is not None:  # one new token per row over its cache: gptchat's kernel (see there)
+        if prompt_ops is not None:  # a prompt's tokens over themselves and the cache: gptchat's kernel
+            y = prompt_ops.prompt_attention(q, k, v.to(k.dtype))  # (without a cache, k is float32 after RoPE)
+        elif ops is not None:  # one new token per row over its cache: gptchat's kernel (see there)
             scores = ops.gqa_scores(q[:, :, 0] * self.head_dim**-0.5, k)
             if mask is not None:  # [B, 1, 1, S]: a batch's padding keys (each row sees at least itself)
                 scores = scores.masked_fill(~mask[:, :, 0], float("-inf"))
@@ -219,6 +222,18 @@ def decode_attention_ops(q: torch.Tensor, group: int):
     if q.device.type != "cpu" or q.dtype != torch.float32 or not kernel_attention_fits(q.shape[-1], group):
         return None
     return kernels.loaded()
+
+
+def prompt_attention_ops(q: torch.Tensor):
+    """gptchat's kernel op for a prompt's causal attention (prompt_attention), where this process has loaded the
+    kernels and it applies: on the CPU, not for training (it has no backward), head size a multiple of 8. It was
+    ~2x faster than PyTorch's flash kernel on SmolLM2's 500-token prompts. Else None: PyTorch's attention."""
+    if q.device.type != "cpu" or q.requires_grad or q.shape[-1] % 8 or q.dtype not in PROMPT_ATTENTION_DTYPES:
+        return None
+    return kernels.loaded()
+
+
+PROMPT_ATTENTION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def kernel_attention_fits(head_dim: int, group: int) -> bool:

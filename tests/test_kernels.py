@@ -321,6 +321,84 @@ def test_decode_attention_bad_shapes(ops):
         ops.gqa_mix(torch.randn(1, 4, 5), torch.randn(1, 2, 5, 64, dtype=torch.bfloat16))
 
 
+def causal_sdpa(q, k, v):
+    """PyTorch's attention in float32 for queries at the last T of S key positions, grouped heads."""
+    T, S = q.shape[2], k.shape[2]
+    mask = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)
+    return torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                            enable_gqa=q.shape[1] != k.shape[1])
+
+
+@pytest.mark.parametrize("group,head_dim", [(1, 64), (3, 64), (8, 40), (2, 8), (3, 96)])  # 40: 32 + 8 columns
+@pytest.mark.parametrize("queries,past", [(1, 0), (5, 0), (37, 0), (100, 3), (17, 300)])  # past: keys in the cache
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float16),
+                                    (torch.float16, torch.bfloat16)])  # (queries and output, cache)
+def test_prompt_attention_equals_sdpa(ops, group, head_dim, queries, past, dtypes):
+    """A prompt's causal attention (query blocks of 16, score tiles of 6 rows, key tiles of 16: these shapes
+    have every kind of remainder) gives PyTorch's attention on the same values, in float32 to float rounding and
+    otherwise to the output dtype's rounding. The queries are a strided view, as the model hands them over."""
+    B, kv_heads = 2, 2
+    q_dtype, cache_dtype = dtypes
+    g = torch.Generator().manual_seed(queries * group + past)
+    qkv = torch.randn(B, queries, kv_heads * (group + 2), head_dim, generator=g).to(q_dtype)
+    q = qkv[:, :, : kv_heads * group].transpose(1, 2)
+    cache = torch.randn(2, B, kv_heads, 512, head_dim, generator=g).to(cache_dtype)
+    k, v = cache[:, :, :, : past + queries]  # views of a larger capacity, as the KV cache hands them out
+    y = ops.prompt_attention(q, k, v)
+    expected = causal_sdpa(q, k, v)
+    assert y.shape == expected.shape and y.dtype == q_dtype
+    assert y.transpose(1, 2).is_contiguous()  # [B, T, H, D] in memory: the model's reshape is free
+    if q_dtype == torch.float32:
+        assert (y - expected).abs().max() < 2e-6
+    else:
+        assert (y.float() - expected).abs().max() <= 2**-8 * expected.abs().max()
+
+
+def test_prompt_attention_bad_inputs(ops):
+    q, k = torch.randn(1, 4, 5, 64), torch.randn(1, 2, 5, 64)
+    with pytest.raises(RuntimeError, match="H not a multiple of Hkv"):
+        ops.prompt_attention(torch.randn(1, 3, 5, 64), k, k)
+    with pytest.raises(RuntimeError, match="key count"):
+        ops.prompt_attention(q, k[:, :, :4], k[:, :, :4])
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        ops.prompt_attention(q[..., :12], k[..., :12], k[..., :12])
+    with pytest.raises(RuntimeError, match="one dtype"):
+        ops.prompt_attention(q, k, k.half())
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        ops.prompt_attention(q.double(), k.double(), k.double())
+    torch.library.opcheck(torch.ops.gptchat.prompt_attention.default, (q, k, k))
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_prompt_attention_in_the_model(ops, tiny_llama_dir, precision):
+    """A quantized model's prompt, in one piece and continued in a second chunk over its cache, goes through
+    prompt_attention (float32, or bfloat16 autocast over a float16 cache as the engine's prompts on avx512_bf16
+    CPUs) and gives PyTorch's attention's logits. Training keeps PyTorch's attention (the op has no backward)."""
+    import gptchat
+    from gptchat.model import prompt_attention_ops
+
+    lm = gptchat.load_model(tiny_llama_dir[0], quant="int8")
+    assert prompt_attention_ops(torch.zeros(1, 4, 7, lm.config.head_dim)) is ops
+    assert prompt_attention_ops(torch.zeros(1, 4, 7, lm.config.head_dim, requires_grad=True)) is None
+    calls = []
+    logits = {}
+    for name in ("ours", "pytorch"):
+        with pytest.MonkeyPatch.context() as mp:
+            if name == "pytorch":
+                mp.setattr(kernels, "loaded", lambda: None)
+            else:
+                real = ops.prompt_attention
+                mp.setattr(ops, "prompt_attention", lambda *a: calls.append(a[0].shape) or real(*a), raising=False)
+            cache = lm.model.new_cache(1, 64)
+            with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bfloat16"):
+                first = lm.model(torch.tensor([[5, 6, 7, 8, 9, 10, 11]]), cache=cache)
+                second = lm.model(torch.tensor([[12, 13, 14]]), cache=cache)
+            logits[name] = torch.cat([first, second], dim=1).float()
+    assert len(calls) == 2 * lm.config.n_layer and calls[-1][2] == 3
+    tolerance = 1e-4 if precision == "float32" else 2e-2
+    assert (logits["ours"] - logits["pytorch"]).abs().max() < tolerance * logits["pytorch"].abs().max()
+
+
 def test_released_file_pages_read_back_and_anonymous_memory_is_kept(tmp_path):
     """After conversion a layer releases its portable tensors' pages when they are mapped from a checkpoint
     file: read again they come back from the file; tensors in anonymous memory are never touched."""

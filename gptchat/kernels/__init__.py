@@ -1,6 +1,7 @@
 """gptchat's own CPU kernels: quantized matmuls (decoding, batches and prompts) and the attention of a
-decoded token over its cache (quant_matmul.cpp), and a sampled token drawn from a row of logits in one call
-(sampling.cpp; gptchat/sampling.py uses it whenever the library is loaded).
+decoded token over its cache (quant_matmul.cpp), a prompt's causal attention (attention.cpp), and a sampled
+token drawn from a row of logits in one call (sampling.cpp; gptchat/sampling.py uses it whenever the library
+is loaded). simd.h holds the vector helpers they share.
 
 PyTorch's weight-only int4 kernel converts bfloat16 activations in software on CPUs without avx512_bf16,
 which makes it compute-bound there. This one does what llama.cpp does on AVX2: activations quantized to
@@ -29,7 +30,8 @@ from ..cpu import cpu_flags
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("quant_matmul.cpp", "sampling.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("quant_matmul.cpp", "sampling.cpp", "attention.cpp")]
+HEADERS = [Path(__file__).with_name("simd.h")]
 BLOCK = 32  # columns per quantization block, on both sides of the dot products
 # -ffp-contract=off: a * b + c stays two roundings where the source says so (dequantization matches PyTorch's).
 # -fopenmp: at::parallel_for is inline OpenMP in ATen's headers; without the flag the pragma is dropped and
@@ -48,7 +50,7 @@ def build_target() -> tuple[str, Path]:
     """(library name, build folder): cache/kernels/<hash of the source, the flags and the torch version>."""
     from ..checkpoints import cache_root
 
-    code = b"".join(source.read_bytes() for source in SOURCES)
+    code = b"".join(source.read_bytes() for source in SOURCES + HEADERS)
     key = hashlib.sha256(code + " ".join(CFLAGS).encode() + torch.__version__.encode()).hexdigest()[:16]
     return f"gptchat_quant_matmul_{key}", cache_root() / "kernels" / key
 
@@ -129,6 +131,11 @@ def register_fakes() -> None:
     def _(p, v):
         return p.new_empty(p.shape[0], p.shape[1], v.shape[3])
 
+    @torch.library.register_fake("gptchat::prompt_attention")
+    def _(q, k, v):
+        B, H, T, D = q.shape
+        return q.new_empty(B, T, H, D).transpose(1, 2)
+
 
 def disabled() -> bool:
     """GPTCHAT_KERNELS=aten: PyTorch's kernels only (for A/B runs)."""
@@ -136,7 +143,8 @@ def disabled() -> bool:
 
 
 def ops():
-    """torch.ops.gptchat (to_lanes, int4_linear, int8_linear, gqa_scores, gqa_mix, lanes_to_bf16, set_vnni, sample_token), or None: unsupported, failed to build, or GPTCHAT_KERNELS=aten."""
+    """torch.ops.gptchat (to_lanes, int4_linear, int8_linear, gqa_scores, gqa_mix, lanes_to_bf16, set_vnni, sample_token,
+    prompt_attention), or None: unsupported, failed to build, or GPTCHAT_KERNELS=aten."""
     if disabled():
         return None
     if not _loaded:

@@ -30,7 +30,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
-#include <immintrin.h>
+#include "simd.h"
 
 #include <algorithm>
 #include <atomic>
@@ -88,13 +88,6 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
   return r;
 }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // ---- the lanes layout: 8 weight rows side by side ----
 // For rows 8g .. 8g + 7 and block b the kernel reads 128 bytes (int4) or 256 (int8), as 16-byte chunks; in chunk c,
 // bytes 2j and 2j + 1 belong to row 8g + j:
@@ -115,9 +108,6 @@ struct Lanes {
   const at::Half* scale;   // [N/8, G, 8]
   const at::Half* offset;  // [N/8, G, 8] (int4) or nullptr
 };
-
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
 // acc + the pairwise products of a and b (int16 pairs summed into int32 lanes). With AVX512-VNNI (Zen 4, Ice Lake
 // and later) one instruction, vpdpwssd, does what _mm256_madd_epi16 and an addition do: the same exact integer
@@ -323,13 +313,6 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
 // weights dequantized for the occasion than through the integer dot products above, which run at float32's rate.
 // w = q * scale (+ offset) in float32, a multiplication then an addition (as quantize.py's `dequantized`), rounded
 // to the nearest bfloat16 (ties to even, as PyTorch's conversion): the same numbers as dequantized().bfloat16().
-
-inline __m128i to_bf16(__m256 f) {  // 8 finite floats, rounded to nearest even
-  const __m256i bits = _mm256_castps_si256(f);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
-  return _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
-}
 
 template <bool INT4>
 void dequantize_group(const Lanes& w, int64_t g, int64_t G, int64_t N, int64_t K, uint16_t* out) {

@@ -21,7 +21,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
-#include <immintrin.h>
+#include "simd.h"
 
 #include <algorithm>
 #include <cmath>
@@ -30,33 +30,6 @@
 #include <vector>
 
 namespace {
-
-// exp(x) for x <= 0, 8 at a time: 2^n * exp(r), n = round(x / ln 2), |r| <= ln 2 / 2, with Cephes' expf
-// polynomial (~1 ulp). Below -87 (where float32 turns subnormal), and for -inf, the result is exactly 0.
-inline __m256 exp_nonpositive(__m256 x) {
-  const __m256 floor = _mm256_set1_ps(-87.f);
-  const __m256 underflow = _mm256_cmp_ps(x, floor, _CMP_LT_OQ);
-  x = _mm256_max_ps(x, floor);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln 2 in two parts: r stays exact
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.f));  // 1 at x = 0
-  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(underflow, _mm256_mul_ps(y, _mm256_castsi256_ps(two_n)));
-}
-
-inline float exp_nonpositive(float x) {  // one lane of the above, for the tail of a row
-  alignas(32) float lanes[8] = {x, 0, 0, 0, 0, 0, 0, 0};
-  _mm256_store_ps(lanes, exp_nonpositive(_mm256_load_ps(lanes)));
-  return lanes[0];
-}
 
 // The largest of x[0..n); false if any is NaN or +inf, or none is above -inf.
 bool finite_max(const float* x, int64_t n, float& out) {
