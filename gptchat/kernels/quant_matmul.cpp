@@ -314,38 +314,60 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
 // w = q * scale (+ offset) in float32, a multiplication then an addition (as quantize.py's `dequantized`), rounded
 // to the nearest bfloat16 (ties to even, as PyTorch's conversion): the same numbers as dequantized().bfloat16().
 
+// 8 vectors of 8 32-bit lanes, transposed in registers: afterwards a[j] holds lane j of every input, in order.
+inline void transpose8(__m256i a[8]) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_epi32(a[i], a[i + 1]);
+    t[i + 1] = _mm256_unpackhi_epi32(a[i], a[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    a[i] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x20);
+    a[i + 4] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x31);
+  }
+}
+
+// Rows 8g .. 8g + 7, block by block. A chunk widened to int16 holds in its 32-bit lane j two values of row j
+// (see the layout above): int4, the low nibbles values 4c and 4c + 1, the high ones 4c + 2 and 4c + 3; int8,
+// values 2c and 2c + 1. A block's 16 such vectors, transposed as two 8 x 8 matrices of 32-bit lanes, give each
+// row's 32 values in order, which are scaled and rounded 8 at a time. (Scattering the lanes through memory
+// instead was ~4x slower.)
 template <bool INT4>
 void dequantize_group(const Lanes& w, int64_t g, int64_t G, int64_t N, int64_t K, uint16_t* out) {
   constexpr int CHUNKS = INT4 ? 8 : 16;
-  alignas(32) int16_t values[LANES][BLOCK];
   const int64_t rows = std::min(LANES, N - g * LANES);
   for (int64_t b = 0; b < G; ++b) {
     const uint8_t* q = w.q + (g * G + b) * CHUNKS * 16;
-    for (int c = 0; c < CHUNKS; ++c) {  // bytes 2j, 2j + 1 of a chunk belong to row j (see the layout above)
-      const __m256i v = INT4 ? _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * c)))
-                             : _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * c)));
-      alignas(32) int32_t pairs[2][LANES];  // row j's two values from the low nibbles (int4) or the bytes (int8)
-      if (INT4) {  // low nibbles: values 4c, 4c + 1; high: 4c + 2, 4c + 3
-        _mm256_store_si256(reinterpret_cast<__m256i*>(pairs[0]), _mm256_and_si256(v, _mm256_set1_epi16(15)));
-        _mm256_store_si256(reinterpret_cast<__m256i*>(pairs[1]), _mm256_srli_epi16(v, 4));
-        for (int j = 0; j < LANES; ++j) {
-          std::memcpy(&values[j][4 * c], &pairs[0][j], 4);
-          std::memcpy(&values[j][4 * c + 2], &pairs[1][j], 4);
-        }
-      } else {  // values 2c, 2c + 1
-        _mm256_store_si256(reinterpret_cast<__m256i*>(pairs[0]), v);
-        for (int j = 0; j < LANES; ++j) std::memcpy(&values[j][2 * c], &pairs[0][j], 4);
+    __m256i a[2][8];  // a[h][i]: the i-th vector of values 16h .. 16h + 15 of every row
+    for (int c = 0; c < CHUNKS; ++c) {
+      const __m128i chunk = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * c));
+      if (INT4) {
+        const __m256i v = _mm256_cvtepu8_epi16(chunk);
+        a[c / 4][2 * (c % 4)] = _mm256_and_si256(v, _mm256_set1_epi16(15));
+        a[c / 4][2 * (c % 4) + 1] = _mm256_srli_epi16(v, 4);
+      } else {
+        a[c / 8][c % 8] = _mm256_cvtepi8_epi16(chunk);
       }
     }
+    transpose8(a[0]);
+    transpose8(a[1]);
     for (int64_t j = 0; j < rows; ++j) {
       const __m256 scale = _mm256_set1_ps(static_cast<float>(w.scale[(g * G + b) * LANES + j]));
       const __m256 offset = INT4 ? _mm256_set1_ps(static_cast<float>(w.offset[(g * G + b) * LANES + j])) : _mm256_setzero_ps();
       uint16_t* row = out + (g * LANES + j) * K + b * BLOCK;
-      for (int k = 0; k < BLOCK; k += 8) {
-        const __m256 q8 = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(&values[j][k]))));
-        __m256 f = _mm256_mul_ps(q8, scale);
-        if (INT4) f = _mm256_add_ps(f, offset);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(row + k), to_bf16(f));
+      for (int h = 0; h < 2; ++h) {
+        const __m128i halves[2] = {_mm256_castsi256_si128(a[h][j]), _mm256_extracti128_si256(a[h][j], 1)};
+        for (int k = 0; k < 2; ++k) {
+          __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(halves[k])), scale);
+          if (INT4) f = _mm256_add_ps(f, offset);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(row + 16 * h + 8 * k), to_bf16(f));
+        }
       }
     }
   }
