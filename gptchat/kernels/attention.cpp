@@ -165,17 +165,6 @@ inline void store_row(const float* x, float scale, int64_t D, T* out) {
   }
 }
 
-template <template <int> class F, typename... Args>
-void with_rows(int rows, Args... args) {  // F<rows>::run for rows in 1..6, a compile-time constant
-  switch (rows) {
-    case 1: F<1>::run(args...); break;
-    case 2: F<2>::run(args...); break;
-    case 3: F<3>::run(args...); break;
-    case 4: F<4>::run(args...); break;
-    case 5: F<5>::run(args...); break;
-    default: F<6>::run(args...); break;
-  }
-}
 template <int R> struct Score { template <typename... A> static void run(A... a) { score_tile<R>(a...); } };
 
 struct Scratch {  // one thread's rows: queries, scores, outputs
@@ -226,7 +215,7 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::T
       auto keys_of = [&](int64_t r) { return past + t0 + r / G + 1; };  // row r sees keys [0, keys_of(r))
       for (int64_t r = 0; r < rows; r += SCORE_ROWS) {
         const int n = static_cast<int>(std::min<int64_t>(SCORE_ROWS, rows - r));
-        with_rows<Score>(n, s.q.data() + r * D, D, ktp + bh * S_pad * D,
+        with_constant<SCORE_ROWS, Score>(n, s.q.data() + r * D, D, ktp + bh * S_pad * D,
                          round_up(keys_of(r + n - 1), KEY_TILE), s.sc.data() + r * width, width);
       }
       for (int64_t r = 0; r < rows; r += MIX_ROWS) {

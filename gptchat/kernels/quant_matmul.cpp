@@ -451,19 +451,6 @@ void mix_of(const float* p, const T* v, int64_t v_row, int64_t S, float* out, in
     for (int j = 0; j < NV; ++j) _mm256_storeu_ps(out + g * D + 8 * j, acc[g][j]);
 }
 
-template <template <int> class F, typename... Args>
-void with_group(int64_t G, Args... args) {  // F<G>::run for G in 1..8, a compile-time constant
-  switch (G) {
-    case 1: F<1>::run(args...); break;
-    case 2: F<2>::run(args...); break;
-    case 3: F<3>::run(args...); break;
-    case 4: F<4>::run(args...); break;
-    case 5: F<5>::run(args...); break;
-    case 6: F<6>::run(args...); break;
-    case 7: F<7>::run(args...); break;
-    default: F<8>::run(args...); break;
-  }
-}
 template <int G> struct Scores { template <typename... A> static void run(A... a) { scores_of<G>(a...); } };
 template <int G> struct Mix { template <typename... A> static void run(A... a) { mix_of<G, 4>(a...); } };
 template <int G> struct NarrowMix { template <typename... A> static void run(A... a) { mix_of<G, 1>(a...); } };
@@ -484,7 +471,7 @@ at::Tensor gqa_scores(const at::Tensor& q_in, const at::Tensor& k) {
     at::parallel_for(0, tasks, B * S < SMALL_CACHE ? tasks : 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t b = t / (Hkv * chunks), kh = t / chunks % Hkv, s0 = t % chunks * CHUNK;
-        with_group<Scores>(G, qp + (b * H + kh * G) * D, kp + b * k.stride(0) + kh * k.stride(1), k.stride(2), D, s0,
+        with_constant<8, Scores>(G, qp + (b * H + kh * G) * D, kp + b * k.stride(0) + kh * k.stride(1), k.stride(2), D, s0,
                            std::min(S, s0 + CHUNK), o + (b * H + kh * G) * S, S);
       }
     });
@@ -512,9 +499,9 @@ at::Tensor gqa_mix(const at::Tensor& p_in, const at::Tensor& v) {
         const auto* vt = vp + b * v.stride(0) + kh * v.stride(1) + d0;
         float* ot = o + (b * H + kh * G) * D + d0;
         if (width == 32)
-          with_group<Mix>(G, pt, vt, v.stride(2), S, ot, D);
+          with_constant<8, Mix>(G, pt, vt, v.stride(2), S, ot, D);
         else
-          with_group<NarrowMix>(G, pt, vt, v.stride(2), S, ot, D);
+          with_constant<8, NarrowMix>(G, pt, vt, v.stride(2), S, ot, D);
       }
     });
   };

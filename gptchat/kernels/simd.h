@@ -1,5 +1,6 @@
 // Small AVX2 helpers the kernels share: loads of float32, float16 and bfloat16 as 8 floats, a horizontal sum,
-// rounding to bfloat16, and exp for x <= 0. Included by each .cpp (one library, several translation units).
+// rounding to bfloat16, exp for x <= 0, and a run-time count turned into a template argument. Included by each
+// .cpp (one library, several translation units).
 
 #pragma once
 
@@ -8,7 +9,19 @@
 
 #include <immintrin.h>
 
+#include <cstdint>
+
 namespace {
+
+// F<n>::run(args...) for n in 1..MAX as a compile-time constant (a count above MAX runs F<MAX>), so that tile
+// loops over n rows or heads unroll and keep their accumulators in registers.
+template <int MAX, template <int> class F, typename... Args>
+inline void with_constant(int64_t n, Args... args) {
+  if constexpr (MAX > 1) {
+    if (n < MAX) return with_constant<MAX - 1, F>(n, args...);
+  }
+  F<MAX>::run(args...);
+}
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
