@@ -224,6 +224,9 @@ def decode_attention_ops(q: torch.Tensor, group: int):
     return kernels.loaded()
 
 
+PROMPT_ATTENTION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what prompt_attention reads
+
+
 def prompt_attention_ops(q: torch.Tensor):
     """gptchat's kernel op for a prompt's causal attention (prompt_attention), where this process has loaded the
     kernels and it applies: on the CPU, not for training (it has no backward), head size a multiple of 8. It was
@@ -231,9 +234,6 @@ def prompt_attention_ops(q: torch.Tensor):
     if q.device.type != "cpu" or q.requires_grad or q.shape[-1] % 8 or q.dtype not in PROMPT_ATTENTION_DTYPES:
         return None
     return kernels.loaded()
-
-
-PROMPT_ATTENTION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def kernel_attention_fits(head_dim: int, group: int) -> bool:
