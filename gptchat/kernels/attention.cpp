@@ -9,7 +9,7 @@
 //
 //   scores   rows x keys up to the last row's position, tiles of 6 rows x 16 keys in registers (12 accumulators)
 //            over the keys transposed (16 keys' d-th values side by side), so no horizontal sums;
-//   softmax  each row over its own keys (the causal mask is where a row stops), exp as in sampling.cpp;
+//   softmax  each row over its own keys (the causal mask is where a row stops), exp_nonpositive (simd.h);
 //   mix      tiles of 2 rows x 32 columns of v, scaled by 1 / the row's total at the end.
 //
 // Before them, each key/value head's keys are transposed and its values converted to float32 once, whatever
@@ -171,7 +171,8 @@ struct Scratch {  // one thread's rows: queries, scores, outputs
   std::vector<float> q, sc, o;
 };
 
-template <typename TQ, typename TK, typename TO>
+// TQ: the queries' and the output's dtype; TK: the keys' and values'.
+template <typename TQ, typename TK>
 void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), S = k.size(2), G = H / Hkv, S_pad = round_up(S, KEY_TILE);
@@ -181,7 +182,7 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::T
   const TQ* qp = q.data_ptr<TQ>();
   const TK* kp = k.data_ptr<TK>();
   const TK* vp = v.data_ptr<TK>();
-  TO* op = out.data_ptr<TO>();
+  TQ* op = out.data_ptr<TQ>();
   float* ktp = kt.data_ptr<float>();
   float* vfp = vf.data_ptr<float>();
 
@@ -216,7 +217,7 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::T
       for (int64_t r = 0; r < rows; r += SCORE_ROWS) {
         const int n = static_cast<int>(std::min<int64_t>(SCORE_ROWS, rows - r));
         with_constant<SCORE_ROWS, Score>(n, s.q.data() + r * D, D, ktp + bh * S_pad * D,
-                         round_up(keys_of(r + n - 1), KEY_TILE), s.sc.data() + r * width, width);
+                                         round_up(keys_of(r + n - 1), KEY_TILE), s.sc.data() + r * width, width);
       }
       for (int64_t r = 0; r < rows; r += MIX_ROWS) {
         const int n = static_cast<int>(std::min<int64_t>(MIX_ROWS, rows - r));
@@ -227,7 +228,7 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::T
         else mix_rows<1>(s.sc.data() + r * width, width, vfp + bh * S * D, D, last, s.o.data() + r * D);
         for (int i = 0; i < n; ++i) {
           const int64_t row = r + i;
-          TO* dst = op + ((b * T + t0 + row / G) * H + h * G + row % G) * D;
+          TQ* dst = op + ((b * T + t0 + row / G) * H + h * G + row % G) * D;
           store_row(s.o.data() + row * D, 1.f / totals[i], D, dst);
         }
       }
@@ -235,17 +236,12 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::T
   });
 }
 
-template <typename TQ, typename TK>
-void attend_as(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out) {
-  attend<TQ, TK, TQ>(q, k, v, out);
-}
-
 template <typename TQ>
 void attend_keys(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out) {
   switch (k.scalar_type()) {
-    case at::kFloat: attend_as<TQ, float>(q, k, v, out); break;
-    case at::kHalf: attend_as<TQ, at::Half>(q, k, v, out); break;
-    default: attend_as<TQ, c10::BFloat16>(q, k, v, out); break;
+    case at::kFloat: attend<TQ, float>(q, k, v, out); break;
+    case at::kHalf: attend<TQ, at::Half>(q, k, v, out); break;
+    default: attend<TQ, c10::BFloat16>(q, k, v, out); break;
   }
 }
 
