@@ -119,7 +119,7 @@ def int4_kernel_scales(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     return torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
 
 
-LANES = 8  # weight rows side by side in gptchat's kernel layout
+LANES = kernels.LANES  # weight rows side by side in gptchat's kernel layout
 
 
 def lane_pairs(weight: torch.Tensor, blocks: int, int4: bool) -> torch.Tensor:
@@ -244,7 +244,7 @@ class KernelLayout:
         return True
 
     def lane_rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """Rows `idx` from the kernel layout (row n is lane n % 8 of group n // 8): their values [..., blocks, 32]
+        """Rows `idx` from the kernel layout (row n is lane n % 16 of group n // 16): their values [..., blocks, 32]
         and their scales (and offsets) [..., blocks]."""
         blocks, int4 = self.in_features // kernels.BLOCK, len(self.PARTS) == 3
         g, j = idx // LANES, idx % LANES

@@ -113,7 +113,7 @@ def test_kernel_layout_holds_the_same_weights(ops, kind, N):
     back["scale"] = back["scale"][:, : before["scale"].shape[1]]  # per row: the layout repeats it per block
     assert all(torch.equal(back[k], before[k]) for k in before)
     q(torch.randn(1, 96))
-    assert q.lanes and q.weight.shape[0] == -(-N // 8)
+    assert q.lanes and q.weight.shape[0] == -(-N // quantize.LANES)
     after = q.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
     assert torch.equal(q.rows(idx), rows) and torch.equal(q.dequantized(), w)

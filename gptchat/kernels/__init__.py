@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name(name) for name in ("quant_matmul.cpp", "sampling.cpp", "attention.cpp")]
 HEADERS = [Path(__file__).with_name("simd.h")]
 BLOCK = 32  # columns per quantization block, on both sides of the dot products
+LANES = 16  # weight rows side by side in the kernel's layout (quant_matmul.cpp)
 # -ffp-contract=off: a * b + c stays two roundings where the source says so (dequantization matches PyTorch's).
 # -fopenmp: at::parallel_for is inline OpenMP in ATen's headers; without the flag the pragma is dropped and
 # the kernel runs on one thread. The OpenMP runtime is the libgomp.so.1 torch has already loaded.
@@ -105,9 +106,9 @@ def register_fakes() -> None:
 
     @torch.library.register_fake("gptchat::to_lanes")
     def _(weight, scale, offset):
-        groups, K = -(-weight.shape[0] // 8), weight.shape[1] * (2 if weight.dtype == torch.uint8 else 1)
-        half = scale.new_empty(groups, K // 32 * 8, dtype=torch.float16)  # scales (and offsets) in float16
-        parts = [weight.new_empty(groups, K * 8 // (2 if weight.dtype == torch.uint8 else 1)), half]
+        groups, K = -(-weight.shape[0] // LANES), weight.shape[1] * (2 if weight.dtype == torch.uint8 else 1)
+        half = scale.new_empty(groups, K // 32 * LANES, dtype=torch.float16)  # scales (and offsets) in float16
+        parts = [weight.new_empty(groups, K * LANES // (2 if weight.dtype == torch.uint8 else 1)), half]
         return parts + [torch.empty_like(half)] if offset is not None else parts
 
     @torch.library.register_fake("gptchat::int4_linear")
@@ -120,7 +121,7 @@ def register_fakes() -> None:
 
     @torch.library.register_fake("gptchat::lanes_to_bf16")
     def _(weight, scale, offset, N):
-        K = weight.shape[1] // (8 * 32 // (2 if offset is not None else 1)) * 32
+        K = weight.shape[1] // (LANES * 32 // (2 if offset is not None else 1)) * 32
         return weight.new_empty(N, K, dtype=torch.bfloat16)
 
     @torch.library.register_fake("gptchat::gqa_scores")

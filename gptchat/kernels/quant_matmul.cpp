@@ -1,4 +1,4 @@
-// Quantized matmuls with AVX2 integer dot products, for any number of rows of activations (decoding, batches,
+// Quantized matmuls with integer dot products (AVX2, or AVX-512 where the CPU has it), for any number of rows of activations (decoding, batches,
 // prompts); and the attention of one decoded token over its cache, at the end.
 //
 // As llama.cpp does, each row of x is quantized per block of 32 columns with a float scale, x ~= qx * dx,
@@ -7,7 +7,8 @@
 //   int4 (Int4Linear, e.g. Q4_1):   w = qw * dw + mw   ->  sum(w x) = dw dx dot(qw, qx) + mw dx sum(qx)
 //   int8 (Int8Linear, e.g. Q8_0):   w = qw * dw        ->  sum(w x) = dw dx dot(qw, qx)
 //
-// Where the CPU has AVX512-VNNI, vpdpwssd does each multiply-and-add of int16 pairs in one instruction (dot_add).
+// Where the CPU has AVX512-VNNI, vpdpwssd does each multiply-and-add of int16 pairs in one instruction, on
+// 512-bit vectors (lanes_tile_avx512).
 //
 // Unlike llama.cpp, qx has 16 bits (|qx| <= 32767), not 8: with 8 bits SmolLM2's quality guard moved from
 // perplexity x1.001 to x1.014. The weights are widened to int16 and multiplied with _mm256_madd_epi16. A block's
@@ -87,132 +88,204 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
   return r;
 }
 
-// ---- the lanes layout: 8 weight rows side by side ----
-// For rows 8g .. 8g + 7 and block b the kernel reads 128 bytes (int4) or 256 (int8), as 16-byte chunks; in chunk c,
-// bytes 2j and 2j + 1 belong to row 8g + j:
+// ---- the lanes layout: 16 weight rows side by side ----
+// For rows 16g .. 16g + 15 and block b the kernel reads 256 bytes (int4) or 512 (int8), as 32-byte chunks; in
+// chunk c, bytes 2j and 2j + 1 belong to row 16g + j:
 //   int4: the row's values 4c and 4c + 1 in the low nibbles, 4c + 2 and 4c + 3 in the high ones (8 chunks)
 //   int8: the row's values 2c and 2c + 1 (16 chunks)
-// Widened to int16, a chunk is a vector whose 32-bit lane j holds a pair of row j's values, and _mm256_madd_epi16
-// with the matching pair of x broadcast to every lane adds row j's two products in lane j. A block thus ends as
-// one vector of the 8 rows' sums, converted and scaled once for all 8, and the 8 results need no horizontal sum:
-// 1.3-1.9x faster than one row at a time (which needed both). Scales and offsets are [N/8, G, 8] to match; rows
-// are padded with zeros to a multiple of 8. Scales and offsets are float16, as in GGUF's blocks (gptchat's own
-// quantizers round them so): in float32 they were a third of the bytes an int4 layer reads per token (8 of 24
-// per block of 32 weights), in float16 a fifth; at one row of x the int4 layers ran 4-14% faster.
+// Widened to int16, a chunk is a vector whose 32-bit lane j holds a pair of row j's values, and a multiply-add of
+// int16 pairs with the matching pair of x broadcast to every lane adds row j's two products in lane j. A block
+// thus ends as one vector of the rows' sums, converted and scaled once for all of them, with no horizontal sum:
+// 1.3-1.9x faster than one row at a time (which needed both). With AVX-512 a chunk is one 512-bit vector of 16
+// rows, and vpdpwssd takes the broadcast pair straight from memory; with AVX2 each half of a chunk (8 rows) is
+// one 256-bit vector. Scales and offsets are [N/16, G, 16] to match; rows are padded with zeros to a multiple
+// of 16. They are float16, as in GGUF's blocks (gptchat's own quantizers round them so): in float32 they were a
+// third of the bytes an int4 layer reads per token (8 of 24 per block of 32 weights), in float16 a fifth; at
+// one row of x the int4 layers ran 4-14% faster.
 
-constexpr int64_t LANES = 8;
+constexpr int64_t LANES = 16;
+constexpr int64_t HALF = LANES / 2;  // the rows of a 256-bit vector
 
 struct Lanes {
-  const uint8_t* q;        // [N/8, G, 128 or 256]
-  const at::Half* scale;   // [N/8, G, 8]
-  const at::Half* offset;  // [N/8, G, 8] (int4) or nullptr
+  const uint8_t* q;        // [N/16, G, 256 or 512]
+  const at::Half* scale;   // [N/16, G, 16]
+  const at::Half* offset;  // [N/16, G, 16] (int4) or nullptr
 };
 
-// acc + the pairwise products of a and b (int16 pairs summed into int32 lanes). With AVX512-VNNI (Zen 4, Ice Lake
-// and later) one instruction, vpdpwssd, does what _mm256_madd_epi16 and an addition do: the same exact integer
-// sums in fewer instructions. Inline assembly, so the file still builds for, and runs on, AVX2 alone: the
-// instruction only runs where the CPU has it.
-template <bool VNNI>
-inline __m256i dot_add(__m256i acc, __m256i a, __m256i b) {
-  if constexpr (VNNI) {
-    asm("vpdpwssd %2, %1, %0" : "+x"(acc) : "x"(a), "x"(b));
-    return acc;
-  } else {
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
-  }
+// The AVX-512 tile below needs F, BW (16-bit lanes) and VNNI (vpdpwssd): Zen 4, Ice Lake, Sapphire Rapids and
+// later. The file is compiled for AVX2; only that function is compiled for these, and only runs where they are.
+#define AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+bool avx512_vnni_supported() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 }
 
-bool vnni_supported() { return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl"); }
-
-// Whether the matmuls use vpdpwssd: where the CPU has AVX512-VNNI with 256-bit vectors (AVX512VL), unless
-// GPTCHAT_VNNI=0; `set_vnni` switches it (A/B runs, tests) and says whether it is on.
-std::atomic<bool> use_vnni{vnni_supported() && !(std::getenv("GPTCHAT_VNNI") && std::string(std::getenv("GPTCHAT_VNNI")) == "0")};
+// Whether the matmuls take the AVX-512 tile: where the CPU has it, unless GPTCHAT_VNNI=0; `set_vnni` switches
+// it (A/B runs, tests) and says whether it is on.
+std::atomic<bool> use_vnni{avx512_vnni_supported() && !(std::getenv("GPTCHAT_VNNI") && std::string(std::getenv("GPTCHAT_VNNI")) == "0")};
 
 bool set_vnni(bool enable) {
-  use_vnni = enable && vnni_supported();
+  use_vnni = enable && avx512_vnni_supported();
   return use_vnni;
 }
 
-// y[m0 + i, 8g .. 8g + 7] for MC rows of x: each chunk of weights is widened once for the MC rows.
-template <bool INT4, int MC, bool VNNI>
-void lanes_tile(const QuantizedRows& x, int64_t m0, int64_t G, const Lanes& w, int64_t g, float* y, int64_t N) {
+// The tiles ask for the weights PREFETCH_AHEAD bytes past the block they start, into L2 (prefetcht1): without
+// it they read the weights from memory at about 60% of the rate a plain loop over them reaches. In a sequence
+// of SmolLM2's int4 layers, from memory, 2 threads: ~4.5 -> ~3.9 ms; 1 thread ~6.6 -> ~5.3 ms. Into L1
+// (prefetcht0), or one group ahead, gained little. Past the end of a weight it reads what follows: harmless.
+constexpr int64_t PREFETCH_AHEAD = 8192;
+
+inline void prefetch_ahead(const uint8_t* block, int64_t bytes) {
+  for (int64_t at = 0; at < bytes; at += 64) _mm_prefetch(reinterpret_cast<const char*>(block) + PREFETCH_AHEAD + at, _MM_HINT_T1);
+}
+
+// y[m0 + i, 16g + 8h .. 16g + 8h + 7] for MC rows of x, with AVX2: half h of each chunk of weights is widened
+// once for the MC rows, and _mm256_madd_epi16 multiplies it with pairs of x.
+template <bool INT4, int MC>
+void lanes_tile_avx2(const QuantizedRows& x, int64_t m0, int64_t G, const Lanes& w, int64_t g, int64_t h, float* y, int64_t N) {
   constexpr int CHUNKS = INT4 ? 8 : 16;
+  const int64_t n0 = g * LANES + h * HALF;
+  if (n0 >= N) return;  // padding rows only
   const int16_t* xq = x.q.data() + m0 * G * BLOCK;
-  const uint8_t* wq = w.q + g * G * CHUNKS * 16;
-  const at::Half* ws = w.scale + g * G * LANES;
+  const uint8_t* wq = w.q + g * G * CHUNKS * 2 * LANES + h * 2 * HALF;
+  const int64_t ws = g * G * LANES + h * HALF;  // scales and offsets of block b: ws + b * LANES
   __m256 acc[MC];
   for (int i = 0; i < MC; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t b = 0; b < G; ++b) {
-    __m256i s[MC], t[MC];  // with VNNI, t is a second chain of vpdpwssd (each waits for the last), added to s below
-    for (int i = 0; i < MC; ++i) s[i] = t[i] = _mm256_setzero_si256();
-    for (int c = 0; c < (INT4 ? 8 : 16); ++c) {
-      const __m128i chunk = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wq + (b * CHUNKS + c) * 16));
+    if (m0 == 0 && h == 0) prefetch_ahead(wq + b * CHUNKS * 2 * LANES, CHUNKS * 2 * LANES);
+    __m256i s[MC];
+    for (int i = 0; i < MC; ++i) s[i] = _mm256_setzero_si256();
+    for (int c = 0; c < CHUNKS; ++c) {
+      const __m128i chunk = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wq + (b * CHUNKS + c) * 2 * LANES));
       if (INT4) {
         const __m256i bytes = _mm256_cvtepu8_epi16(chunk);
         const __m256i lo = _mm256_and_si256(bytes, _mm256_set1_epi16(15)), hi = _mm256_srli_epi16(bytes, 4);
         for (int i = 0; i < MC; ++i) {
           const int32_t* xp = reinterpret_cast<const int32_t*>(xq + (i * G + b) * BLOCK + 4 * c);
-          if (VNNI) {
-            s[i] = dot_add<VNNI>(s[i], lo, _mm256_set1_epi32(xp[0]));
-            t[i] = dot_add<VNNI>(t[i], hi, _mm256_set1_epi32(xp[1]));
-          } else {
-            s[i] = _mm256_add_epi32(s[i], _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_set1_epi32(xp[0])),
-                                                             _mm256_madd_epi16(hi, _mm256_set1_epi32(xp[1]))));
-          }
+          s[i] = _mm256_add_epi32(s[i], _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_set1_epi32(xp[0])),
+                                                         _mm256_madd_epi16(hi, _mm256_set1_epi32(xp[1]))));
         }
       } else {
         const __m256i pairs = _mm256_cvtepi8_epi16(chunk);
         for (int i = 0; i < MC; ++i) {
           const int32_t* xp = reinterpret_cast<const int32_t*>(xq + (i * G + b) * BLOCK + 2 * c);
-          if (VNNI && c % 2)
-            t[i] = dot_add<VNNI>(t[i], pairs, _mm256_set1_epi32(xp[0]));
-          else
-            s[i] = dot_add<VNNI>(s[i], pairs, _mm256_set1_epi32(xp[0]));
+          s[i] = _mm256_add_epi32(s[i], _mm256_madd_epi16(pairs, _mm256_set1_epi32(xp[0])));
         }
       }
     }
-    const __m256 dw = load8(ws + b * LANES);
-    if (VNNI)
-      for (int i = 0; i < MC; ++i) s[i] = _mm256_add_epi32(s[i], t[i]);
+    const __m256 dw = load8(w.scale + ws + b * LANES);
     for (int i = 0; i < MC; ++i) {
       const int64_t xb = (m0 + i) * G + b;
       acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(x.d[xb])), _mm256_cvtepi32_ps(s[i]), acc[i]);
-      if (INT4) acc[i] = _mm256_fmadd_ps(load8(w.offset + (g * G + b) * LANES), _mm256_set1_ps(x.sum[xb]), acc[i]);
+      if (INT4) acc[i] = _mm256_fmadd_ps(load8(w.offset + ws + b * LANES), _mm256_set1_ps(x.sum[xb]), acc[i]);
     }
   }
-  const int64_t n0 = g * LANES;
   for (int i = 0; i < MC; ++i) {
     float* out = y + (m0 + i) * N + n0;
-    if (n0 + LANES <= N) {
+    if (n0 + HALF <= N) {
       _mm256_storeu_ps(out, acc[i]);
     } else {  // the padding rows of the last group are not written
-      alignas(32) float tmp[LANES];
+      alignas(32) float tmp[HALF];
       _mm256_store_ps(tmp, acc[i]);
       std::copy(tmp, tmp + (N - n0), out);
     }
   }
 }
 
-template <bool INT4, bool VNNI>
+// acc + the pairwise products of a and the int16 pair at x broadcast to all 16 lanes: one vpdpwssd, the
+// broadcast folded into its memory operand ({1to16}; GCC would issue a separate vpbroadcastd).
+AVX512_VNNI inline __m512i dot_add_pair(__m512i acc, __m512i a, const int32_t* x) {
+  asm("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(a), "m"(*x));
+  return acc;
+}
+
+// y[m0 + i, 16g .. 16g + 15] for MC rows of x, with AVX-512: each chunk is widened once into a 512-bit vector
+// for the MC rows, and vpdpwssd multiplies it with a pair of x broadcast from memory (dot_add_pair) and adds the products
+// (the same exact integer sums as the AVX2 tile: the two give the same numbers). Half the instructions of
+// that tile with 256-bit VNNI; the int4 layers ran ~1.3x faster at one row in cache.
+template <bool INT4, int MC>
+AVX512_VNNI void lanes_tile_avx512(const QuantizedRows& x, int64_t m0, int64_t G, const Lanes& w, int64_t g, float* y, int64_t N) {
+  constexpr int CHUNKS = INT4 ? 8 : 16;
+  const int16_t* xq = x.q.data() + m0 * G * BLOCK;
+  const uint8_t* wq = w.q + g * G * CHUNKS * 2 * LANES;
+  const int64_t ws = g * G * LANES;
+  __m512 acc[MC];
+  for (int i = 0; i < MC; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < G; ++b) {
+    if (m0 == 0) prefetch_ahead(wq + b * CHUNKS * 2 * LANES, CHUNKS * 2 * LANES);
+    __m512i s[MC], t[MC];  // two chains of vpdpwssd (each waits for the last), added below
+    for (int i = 0; i < MC; ++i) s[i] = t[i] = _mm512_setzero_si512();
+    for (int c = 0; c < CHUNKS; ++c) {
+      const __m256i chunk = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + (b * CHUNKS + c) * 2 * LANES));
+      if (INT4) {
+        const __m512i bytes = _mm512_cvtepu8_epi16(chunk);
+        const __m512i lo = _mm512_and_si512(bytes, _mm512_set1_epi16(15)), hi = _mm512_srli_epi16(bytes, 4);
+        for (int i = 0; i < MC; ++i) {
+          const int32_t* xp = reinterpret_cast<const int32_t*>(xq + (i * G + b) * BLOCK + 4 * c);
+          s[i] = dot_add_pair(s[i], lo, xp);
+          t[i] = dot_add_pair(t[i], hi, xp + 1);
+        }
+      } else {
+        const __m512i pairs = _mm512_cvtepi8_epi16(chunk);
+        for (int i = 0; i < MC; ++i) {
+          const int32_t* xp = reinterpret_cast<const int32_t*>(xq + (i * G + b) * BLOCK + 2 * c);
+          if (c % 2)
+            t[i] = dot_add_pair(t[i], pairs, xp);
+          else
+            s[i] = dot_add_pair(s[i], pairs, xp);
+        }
+      }
+    }
+    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.scale + ws + b * LANES)));
+    for (int i = 0; i < MC; ++i) {
+      const int64_t xb = (m0 + i) * G + b;
+      const __m512i sum = _mm512_add_epi32(s[i], t[i]);
+      acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_set1_ps(x.d[xb])), _mm512_cvtepi32_ps(sum), acc[i]);
+      if (INT4) {
+        const __m512 mw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.offset + ws + b * LANES)));
+        acc[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(x.sum[xb]), acc[i]);
+      }
+    }
+  }
+  const int64_t n0 = g * LANES;
+  const __mmask16 rows = N - n0 >= LANES ? 0xFFFF : (1u << (N - n0)) - 1;  // the padding rows are not written
+  for (int i = 0; i < MC; ++i) _mm512_mask_storeu_ps(y + (m0 + i) * N + n0, rows, acc[i]);
+}
+
+// The tiles of rows 16g .. 16g + 15 for all M rows of x, 4 rows of x at a time.
+template <bool INT4, bool AVX512>
+void lanes_group(const QuantizedRows& qx, int64_t M, int64_t G, const Lanes& w, int64_t g, float* out, int64_t N) {
+  auto tile = [&](auto rows, int64_t m) {
+    constexpr int MC = decltype(rows)::value;
+    if constexpr (AVX512) {
+      lanes_tile_avx512<INT4, MC>(qx, m, G, w, g, out, N);
+    } else {
+      for (int64_t h = 0; h < 2; ++h) lanes_tile_avx2<INT4, MC>(qx, m, G, w, g, h, out, N);
+    }
+  };
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) tile(std::integral_constant<int, 4>(), m);
+  switch (M - m) {
+    case 3: tile(std::integral_constant<int, 3>(), m); break;
+    case 2: tile(std::integral_constant<int, 2>(), m); break;
+    case 1: tile(std::integral_constant<int, 1>(), m); break;
+  }
+}
+
+template <bool INT4>
 at::Tensor lanes_matmul(const at::Tensor& x, const Lanes& w, int64_t N) {
   const int64_t M = x.size(0), K = x.size(1), G = K / BLOCK, groups = (N + LANES - 1) / LANES;
   const QuantizedRows qx = quantize_rows(x.data_ptr<float>(), M, K);
   at::Tensor y = at::empty({M, N}, x.options());
   float* out = y.data_ptr<float>();
-  const int64_t group_bytes = G * LANES * (INT4 ? BLOCK / 2 : BLOCK);
-  at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
+  const bool avx512 = use_vnni;
+  at::parallel_for(0, groups, 2, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
-      if (g + 1 < end) {  // the next group's weights, from memory while these compute (a head fits no cache)
-        const char* next = reinterpret_cast<const char*>(w.q) + (g + 1) * group_bytes;
-        for (int64_t at = 0; at < group_bytes; at += 64) _mm_prefetch(next + at, _MM_HINT_T0);
-      }
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) lanes_tile<INT4, 4, VNNI>(qx, m, G, w, g, out, N);
-      switch (M - m) {
-        case 3: lanes_tile<INT4, 3, VNNI>(qx, m, G, w, g, out, N); break;
-        case 2: lanes_tile<INT4, 2, VNNI>(qx, m, G, w, g, out, N); break;
-        case 1: lanes_tile<INT4, 1, VNNI>(qx, m, G, w, g, out, N); break;
-      }
+      if (avx512)
+        lanes_group<INT4, true>(qx, M, G, w, g, out, N);
+      else
+        lanes_group<INT4, false>(qx, M, G, w, g, out, N);
     }
   });
   return y;
@@ -249,15 +322,15 @@ std::vector<at::Tensor> to_lanes(const at::Tensor& weight_in, const at::Tensor& 
         const int64_t n = g * LANES + j;
         for (int64_t b = 0; b < G; ++b) {
           const uint8_t* row = src + n * K / (int4 ? 2 : 1) + b * block_bytes;
-          uint8_t* out = dst + (g * G + b) * LANES * block_bytes + 2 * j;
+          uint8_t* out = dst + (g * G + b) * LANES * block_bytes + 2 * j;  // chunk c at out + 2 * LANES * c
           if (int4) {  // bytes 2c, 2c + 1 hold values 4c, 4c + 1 and 4c + 2, 4c + 3 (low nibble first)
             for (int c = 0; c < 8; ++c) {
               const uint8_t first = row[2 * c], second = row[2 * c + 1];
-              out[16 * c] = (first & 15) | (second << 4);        // values 4c (low) and 4c + 2 (high)
-              out[16 * c + 1] = (first >> 4) | (second & 0xF0);  // values 4c + 1 and 4c + 3
+              out[2 * LANES * c] = (first & 15) | (second << 4);        // values 4c (low) and 4c + 2 (high)
+              out[2 * LANES * c + 1] = (first >> 4) | (second & 0xF0);  // values 4c + 1 and 4c + 3
             }
           } else {
-            for (int c = 0; c < 16; ++c) out[16 * c] = row[2 * c], out[16 * c + 1] = row[2 * c + 1];
+            for (int c = 0; c < 16; ++c) out[2 * LANES * c] = row[2 * c], out[2 * LANES * c + 1] = row[2 * c + 1];
           }
           scale_p[(g * G + b) * LANES + j] = scale_in_p[n * per_row + (per_row == 1 ? 0 : b)];
           if (int4) offset_p[(g * G + b) * LANES + j] = offset_in_p[n * G + b];
@@ -296,14 +369,14 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   const int64_t K = weight.size(-1) / (LANES * BLOCK / 2) * BLOCK;
   const auto t = lanes_inputs(weight, scale, &offset, N, K);
   const Lanes w{t[0].data_ptr<uint8_t>(), t[1].data_ptr<at::Half>(), t[2].data_ptr<at::Half>()};
-  return use_vnni ? lanes_matmul<true, true>(check_x(x, K), w, N) : lanes_matmul<true, false>(check_x(x, K), w, N);
+  return lanes_matmul<true>(check_x(x, K), w, N);
 }
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, int64_t N) {
   const int64_t K = weight.size(-1) / (LANES * BLOCK) * BLOCK;
   const auto t = lanes_inputs(weight, scale, nullptr, N, K);
   const Lanes w{reinterpret_cast<const uint8_t*>(t[0].data_ptr<int8_t>()), t[1].data_ptr<at::Half>(), nullptr};
-  return use_vnni ? lanes_matmul<false, true>(check_x(x, K), w, N) : lanes_matmul<false, false>(check_x(x, K), w, N);
+  return lanes_matmul<false>(check_x(x, K), w, N);
 }
 
 // ---- dequantized to bfloat16, for prompts on CPUs with fast bfloat16 matmuls ----
@@ -332,7 +405,7 @@ inline void transpose8(__m256i a[8]) {
   }
 }
 
-// Rows 8g .. 8g + 7, block by block. A chunk widened to int16 holds in its 32-bit lane j two values of row j
+// Rows 16g .. 16g + 15, block by block, one half of each chunk (8 rows) at a time. A half chunk widened to int16 holds in its 32-bit lane j two values of row j
 // (see the layout above): int4, the low nibbles values 4c and 4c + 1, the high ones 4c + 2 and 4c + 3; int8,
 // values 2c and 2c + 1. A block's 16 such vectors, transposed as two 8 x 8 matrices of 32-bit lanes, give each
 // row's 32 values in order, which are scaled and rounded 8 at a time. (Scattering the lanes through memory
@@ -340,32 +413,35 @@ inline void transpose8(__m256i a[8]) {
 template <bool INT4>
 void dequantize_group(const Lanes& w, int64_t g, int64_t G, int64_t N, int64_t K, uint16_t* out) {
   constexpr int CHUNKS = INT4 ? 8 : 16;
-  const int64_t rows = std::min(LANES, N - g * LANES);
-  for (int64_t b = 0; b < G; ++b) {
-    const uint8_t* q = w.q + (g * G + b) * CHUNKS * 16;
-    __m256i a[2][8];  // a[h][i]: the i-th vector of values 16h .. 16h + 15 of every row
-    for (int c = 0; c < CHUNKS; ++c) {
-      const __m128i chunk = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * c));
-      if (INT4) {
-        const __m256i v = _mm256_cvtepu8_epi16(chunk);
-        a[c / 4][2 * (c % 4)] = _mm256_and_si256(v, _mm256_set1_epi16(15));
-        a[c / 4][2 * (c % 4) + 1] = _mm256_srli_epi16(v, 4);
-      } else {
-        a[c / 8][c % 8] = _mm256_cvtepi8_epi16(chunk);
+  for (int64_t part = 0; part < 2 && g * LANES + part * HALF < N; ++part) {  // rows 16g + 8 part .. + 7
+    const int64_t n0 = g * LANES + part * HALF, rows = std::min(HALF, N - n0);
+    for (int64_t b = 0; b < G; ++b) {
+      const uint8_t* q = w.q + (g * G + b) * CHUNKS * 2 * LANES + part * 2 * HALF;
+      __m256i a[2][8];  // a[h][i]: the i-th vector of values 16h .. 16h + 15 of the 8 rows
+      for (int c = 0; c < CHUNKS; ++c) {
+        const __m128i chunk = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 2 * LANES * c));
+        if (INT4) {
+          const __m256i v = _mm256_cvtepu8_epi16(chunk);
+          a[c / 4][2 * (c % 4)] = _mm256_and_si256(v, _mm256_set1_epi16(15));
+          a[c / 4][2 * (c % 4) + 1] = _mm256_srli_epi16(v, 4);
+        } else {
+          a[c / 8][c % 8] = _mm256_cvtepi8_epi16(chunk);
+        }
       }
-    }
-    transpose8(a[0]);
-    transpose8(a[1]);
-    for (int64_t j = 0; j < rows; ++j) {
-      const __m256 scale = _mm256_set1_ps(static_cast<float>(w.scale[(g * G + b) * LANES + j]));
-      const __m256 offset = INT4 ? _mm256_set1_ps(static_cast<float>(w.offset[(g * G + b) * LANES + j])) : _mm256_setzero_ps();
-      uint16_t* row = out + (g * LANES + j) * K + b * BLOCK;
-      for (int h = 0; h < 2; ++h) {
-        const __m128i halves[2] = {_mm256_castsi256_si128(a[h][j]), _mm256_extracti128_si256(a[h][j], 1)};
-        for (int k = 0; k < 2; ++k) {
-          __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(halves[k])), scale);
-          if (INT4) f = _mm256_add_ps(f, offset);
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(row + 16 * h + 8 * k), to_bf16(f));
+      transpose8(a[0]);
+      transpose8(a[1]);
+      for (int64_t j = 0; j < rows; ++j) {
+        const int64_t at = (g * G + b) * LANES + part * HALF + j;  // its scale and offset
+        const __m256 scale = _mm256_set1_ps(static_cast<float>(w.scale[at]));
+        const __m256 offset = INT4 ? _mm256_set1_ps(static_cast<float>(w.offset[at])) : _mm256_setzero_ps();
+        uint16_t* row = out + (n0 + j) * K + b * BLOCK;
+        for (int h = 0; h < 2; ++h) {
+          const __m128i halves[2] = {_mm256_castsi256_si128(a[h][j]), _mm256_extracti128_si256(a[h][j], 1)};
+          for (int k = 0; k < 2; ++k) {
+            __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(halves[k])), scale);
+            if (INT4) f = _mm256_add_ps(f, offset);
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(row + 16 * h + 8 * k), to_bf16(f));
+          }
         }
       }
     }
