@@ -6,7 +6,7 @@ is loaded). simd.h holds the vector helpers they share.
 PyTorch's weight-only int4 kernel converts bfloat16 activations in software on CPUs without avx512_bf16,
 which makes it compute-bound there. This one does what llama.cpp does on AVX2: activations quantized to
 16-bit integers per block of 32, integer dot products with the weights, which Int4Linear and Int8Linear hold
-in the kernel's own layout while it serves them (`to_lanes`: 8 weight rows side by side, float16 scales). The
+in the kernel's own layout while it serves them (`to_lanes`: 16 weight rows side by side, float16 scales). The
 attention ops read a float32 or a float16 cache (quantized models keep theirs in float16).
 
 It is compiled on first use (`torch.utils.cpp_extension.load`, g++ and ninja; ~30 s) into the cache,

@@ -63,9 +63,14 @@ inline float block_amax(const float* xb) {
   return _mm_cvtss_f32(h);
 }
 
-QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
+// x quantized, in buffers that the calling thread keeps from call to call: decoding makes ~120 calls a token,
+// and allocating (and zeroing) new ones each time showed in its profile. Valid until the thread's next call.
+const QuantizedRows& quantize_rows(const float* x, int64_t M, int64_t K) {
   const int64_t blocks = M * K / BLOCK;
-  QuantizedRows r{std::vector<int16_t>(M * K), std::vector<float>(blocks), std::vector<float>(blocks)};
+  thread_local QuantizedRows r;
+  r.q.resize(M * K);
+  r.d.resize(blocks);
+  r.sum.resize(blocks);
   for (int64_t i = 0; i < blocks; ++i) {
     const float* xb = x + i * BLOCK;
     const float amax = block_amax(xb);
@@ -276,7 +281,7 @@ void lanes_group(const QuantizedRows& qx, int64_t M, int64_t G, const Lanes& w, 
 template <bool INT4>
 at::Tensor lanes_matmul(const at::Tensor& x, const Lanes& w, int64_t N) {
   const int64_t M = x.size(0), K = x.size(1), G = K / BLOCK, groups = (N + LANES - 1) / LANES;
-  const QuantizedRows qx = quantize_rows(x.data_ptr<float>(), M, K);
+  const QuantizedRows& qx = quantize_rows(x.data_ptr<float>(), M, K);
   at::Tensor y = at::empty({M, N}, x.options());
   float* out = y.data_ptr<float>();
   const bool avx512 = use_vnni;
