@@ -34,10 +34,7 @@
 #include "simd.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <cstdlib>
-#include <string>
 #include <vector>
 
 namespace {
@@ -117,22 +114,11 @@ struct Lanes {
   const at::Half* offset;  // [N/16, G, 16] (int4) or nullptr
 };
 
-// The AVX-512 tile below needs F, BW (16-bit lanes) and VNNI (vpdpwssd): Zen 4, Ice Lake, Sapphire Rapids and
-// later. The file is compiled for AVX2; only that function is compiled for these, and only runs where they are.
-#define AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-
-bool avx512_vnni_supported() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-}
-
-// Whether the matmuls take the AVX-512 tile: where the CPU has it, unless GPTCHAT_VNNI=0; `set_vnni` switches
-// it (A/B runs, tests) and says whether it is on.
-std::atomic<bool> use_vnni{avx512_vnni_supported() && !(std::getenv("GPTCHAT_VNNI") && std::string(std::getenv("GPTCHAT_VNNI")) == "0")};
-
+// Whether the matmuls take the AVX-512 tile (simd.h: where the CPU has it, unless GPTCHAT_VNNI=0); `set_vnni`
+// switches every AVX-512 path of the library and says whether they are on.
 bool set_vnni(bool enable) {
-  use_vnni = enable && avx512_vnni_supported();
-  return use_vnni;
+  gptchat_simd::use_avx512 = enable && gptchat_simd::avx512_supported();
+  return gptchat_simd::use_avx512;
 }
 
 // The tiles ask for the weights PREFETCH_AHEAD bytes past the block they start, into L2 (prefetcht1): without
@@ -200,7 +186,7 @@ void lanes_tile_avx2(const QuantizedRows& x, int64_t m0, int64_t G, const Lanes&
 
 // acc + the pairwise products of a and the int16 pair at x broadcast to all 16 lanes: one vpdpwssd, the
 // broadcast folded into its memory operand ({1to16}; GCC would issue a separate vpbroadcastd).
-AVX512_VNNI inline __m512i dot_add_pair(__m512i acc, __m512i a, const int32_t* x) {
+AVX512_TARGET inline __m512i dot_add_pair(__m512i acc, __m512i a, const int32_t* x) {
   asm("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(a), "m"(*x));
   return acc;
 }
@@ -210,7 +196,7 @@ AVX512_VNNI inline __m512i dot_add_pair(__m512i acc, __m512i a, const int32_t* x
 // (the same exact integer sums as the AVX2 tile: the two give the same numbers). Half the instructions of
 // that tile with 256-bit VNNI; the int4 layers ran ~1.3x faster at one row in cache.
 template <bool INT4, int MC>
-AVX512_VNNI void lanes_tile_avx512(const QuantizedRows& x, int64_t m0, int64_t G, const Lanes& w, int64_t g, float* y, int64_t N) {
+AVX512_TARGET void lanes_tile_avx512(const QuantizedRows& x, int64_t m0, int64_t G, const Lanes& w, int64_t g, float* y, int64_t N) {
   constexpr int CHUNKS = INT4 ? 8 : 16;
   const int16_t* xq = x.q.data() + m0 * G * BLOCK;
   const uint8_t* wq = w.q + g * G * CHUNKS * 2 * LANES;
@@ -284,7 +270,7 @@ at::Tensor lanes_matmul(const at::Tensor& x, const Lanes& w, int64_t N) {
   const QuantizedRows& qx = quantize_rows(x.data_ptr<float>(), M, K);
   at::Tensor y = at::empty({M, N}, x.options());
   float* out = y.data_ptr<float>();
-  const bool avx512 = use_vnni;
+  const bool avx512 = gptchat_simd::use_avx512;
   at::parallel_for(0, groups, 2, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       if (avx512)

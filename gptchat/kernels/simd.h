@@ -1,5 +1,6 @@
 // Small AVX2 helpers the kernels share: loads of float32, float16 and bfloat16 as 8 floats, a horizontal sum,
-// rounding to bfloat16, exp for x <= 0, and a run-time count turned into a template argument. Included by each
+// rounding to bfloat16, exp for x <= 0, and a run-time count turned into a template argument; and the switch
+// of their AVX-512 paths. Included by each
 // .cpp (one library, several translation units).
 
 #pragma once
@@ -9,7 +10,28 @@
 
 #include <immintrin.h>
 
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+// The AVX-512 paths (512-bit tiles in quant_matmul.cpp and attention.cpp) need F, BW (16-bit lanes), VL and
+// VNNI (vpdpwssd): Zen 4, Ice Lake, Sapphire Rapids and later. The files are compiled for AVX2; only the
+// functions marked so are compiled for these, and they only run where the CPU has them.
+#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+namespace gptchat_simd {
+
+inline bool avx512_supported() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
+// Whether the kernels take their AVX-512 paths: where the CPU has them, unless GPTCHAT_VNNI=0. One flag for the
+// whole library (an inline variable: one object across its files); `set_vnni` switches it (A/B runs, tests).
+inline std::atomic<bool> use_avx512{avx512_supported() && !(std::getenv("GPTCHAT_VNNI") && std::strcmp(std::getenv("GPTCHAT_VNNI"), "0") == 0)};
+
+}  // namespace gptchat_simd
 
 namespace {
 
