@@ -1,5 +1,5 @@
-// Quantized matmuls with integer dot products (AVX2, or AVX-512 where the CPU has it), for any number of rows of activations (decoding, batches,
-// prompts); and the attention of one decoded token over its cache, at the end.
+// Quantized matmuls with integer dot products (AVX2, or AVX-512 where the CPU has it), for any number of rows
+// of activations (decoding, batches, prompts); and the attention of one decoded token over its cache, at the end.
 //
 // As llama.cpp does, each row of x is quantized per block of 32 columns with a float scale, x ~= qx * dx,
 // and each weight block is multiplied with it in integers:
@@ -192,9 +192,9 @@ AVX512_TARGET inline __m512i dot_add_pair(__m512i acc, __m512i a, const int32_t*
 }
 
 // y[m0 + i, 16g .. 16g + 15] for MC rows of x, with AVX-512: each chunk is widened once into a 512-bit vector
-// for the MC rows, and vpdpwssd multiplies it with a pair of x broadcast from memory (dot_add_pair) and adds the products
-// (the same exact integer sums as the AVX2 tile: the two give the same numbers). Half the instructions of
-// that tile with 256-bit VNNI; the int4 layers ran ~1.3x faster at one row in cache.
+// for the MC rows, and vpdpwssd multiplies it with a pair of x broadcast from memory (dot_add_pair) and adds
+// the products (the same exact integer sums as the AVX2 tile: the two give the same numbers). Half the
+// instructions of the earlier 256-bit VNNI tile: at one row, weights in cache, an int4 layer ~1.3x faster.
 template <bool INT4, int MC>
 AVX512_TARGET void lanes_tile_avx512(const QuantizedRows& x, int64_t m0, int64_t G, const Lanes& w, int64_t g, float* y, int64_t N) {
   constexpr int CHUNKS = INT4 ? 8 : 16;
@@ -396,8 +396,8 @@ inline void transpose8(__m256i a[8]) {
   }
 }
 
-// Rows 16g .. 16g + 15, block by block, one half of each chunk (8 rows) at a time. A half chunk widened to int16 holds in its 32-bit lane j two values of row j
-// (see the layout above): int4, the low nibbles values 4c and 4c + 1, the high ones 4c + 2 and 4c + 3; int8,
+// Rows 16g .. 16g + 15, block by block, one half of each chunk (8 rows) at a time. A half chunk widened to
+// int16 holds in its 32-bit lane j two values of row j (see the layout above): int4, the low nibbles values 4c and 4c + 1, the high ones 4c + 2 and 4c + 3; int8,
 // values 2c and 2c + 1. A block's 16 such vectors, transposed as two 8 x 8 matrices of 32-bit lanes, give each
 // row's 32 values in order, which are scaled and rounded 8 at a time. (Scattering the lanes through memory
 // instead took 1.7-1.9x as long on one thread.)
