@@ -1,7 +1,6 @@
 // Small AVX2 helpers the kernels share: loads of float32, float16 and bfloat16 as 8 floats, a horizontal sum,
 // rounding to bfloat16, exp for x <= 0, and a run-time count turned into a template argument; and the switch
-// of their AVX-512 paths. Included by each
-// .cpp (one library, several translation units).
+// of their AVX-512 paths. Included by each .cpp (one library, several translation units).
 
 #pragma once
 
