@@ -31,6 +31,14 @@ def ops():
     return ops
 
 
+@pytest.fixture
+def has_avx512(ops):
+    """Whether this CPU has what the kernels' AVX-512 paths need (simd.h); afterwards set_vnni is back at the
+    library's default, whatever the test switched it to."""
+    yield {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= cpu_flags()
+    ops.set_vnni(os.environ.get("GPTCHAT_VNNI") != "0")
+
+
 def layer(kind, N, K):
     g = torch.Generator().manual_seed(N + K)
     linear = torch.nn.Linear(K, N, bias=False)
@@ -80,22 +88,18 @@ def test_kernel_matches_dequantized_matmul(ops, kind, N, K):
 
 
 @pytest.mark.parametrize("kind", ["int4", "int8 grouped", "int8 per row"])
-def test_vnni_and_avx2_dot_products_give_the_same_numbers(ops, kind):
+def test_vnni_and_avx2_dot_products_give_the_same_numbers(ops, has_avx512, kind):
     """Where the CPU has AVX-512 with VNNI the kernel's integer dot products take vpdpwssd on 512-bit vectors
     of 16 rows; its sums are exact, as _mm256_madd_epi16's and an addition's are, so both tiles give the same
     result bit for bit, at every tile size. Elsewhere set_vnni(True) says it is off."""
-    has_vnni = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= cpu_flags()
     q = layer(kind, 44, 1536)
-    try:
-        assert ops.set_vnni(True) == has_vnni
-        for M in ROWS:
-            x = torch.randn(M, 1536, generator=torch.Generator().manual_seed(M))
-            assert ops.set_vnni(True) == has_vnni
-            vnni = kernel_matmul(ops, q, x)
-            assert ops.set_vnni(False) is False
-            assert torch.equal(vnni, kernel_matmul(ops, q, x)), (kind, M)
-    finally:
-        ops.set_vnni(os.environ.get("GPTCHAT_VNNI") != "0")  # the library's default
+    assert ops.set_vnni(True) == has_avx512
+    for M in ROWS:
+        x = torch.randn(M, 1536, generator=torch.Generator().manual_seed(M))
+        assert ops.set_vnni(True) == has_avx512
+        vnni = kernel_matmul(ops, q, x)
+        assert ops.set_vnni(False) is False
+        assert torch.equal(vnni, kernel_matmul(ops, q, x)), (kind, M)
 
 
 @pytest.mark.parametrize("kind", ["int4", "int8 grouped", "int8 per row"])
@@ -355,21 +359,17 @@ def test_prompt_attention_equals_sdpa(ops, group, head_dim, queries, past, dtype
 
 
 @pytest.mark.parametrize("group,head_dim,queries,past", [(3, 64, 37, 0), (8, 40, 100, 3), (2, 8, 17, 300), (1, 96, 5, 0)])
-def test_prompt_attention_avx512_and_avx2_tiles_agree(ops, group, head_dim, queries, past):
+def test_prompt_attention_avx512_and_avx2_tiles_agree(ops, has_avx512, group, head_dim, queries, past):
     """Where the CPU has AVX-512 the score and mix tiles take 512-bit vectors and more rows at once, doing each
     output's float32 operations in the same order as the AVX2 tiles: the two give the same numbers, bit for bit.
     Elsewhere set_vnni(True) says it is off and both runs take the AVX2 tiles."""
-    has_avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= cpu_flags()
     g = torch.Generator().manual_seed(group + head_dim)
     q = torch.randn(1, 2 * group, queries, head_dim, generator=g).bfloat16()
     k, v = torch.randn(2, 1, 2, past + queries, head_dim, generator=g).half()
-    try:
-        assert ops.set_vnni(True) == has_avx512
-        wide = ops.prompt_attention(q, k, v)
-        assert ops.set_vnni(False) is False
-        assert torch.equal(wide, ops.prompt_attention(q, k, v))
-    finally:
-        ops.set_vnni(os.environ.get("GPTCHAT_VNNI") != "0")  # the library's default
+    assert ops.set_vnni(True) == has_avx512
+    wide = ops.prompt_attention(q, k, v)
+    assert ops.set_vnni(False) is False
+    assert torch.equal(wide, ops.prompt_attention(q, k, v))
 
 
 def test_prompt_attention_bad_inputs(ops):
