@@ -49,7 +49,7 @@ def prompt_precision():
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=prefill_dtype() == torch.bfloat16)
 
 
-CACHE_START = 1024  # positions allocated up front; the KV cache doubles when a sequence outgrows it
+CACHE_START = 1024  # positions asked for up front (the CPU reserves more: GPT.new_cache); then it doubles
 JOIN_HEADROOM = 128  # free positions a batch's cache gets when a row joins
 
 
@@ -347,8 +347,7 @@ def _keep_rows(cache: KVCache, key_mask: torch.Tensor, rows: list[int]):
     key_mask = key_mask[rows]
     unused = int((~key_mask).all(0).long().cumprod(0).sum())
     if unused:  # dense copies: the compiled batched step reads each layer's cache as a dense tensor
-        cache.k, cache.v = cache.k[:, :, :, unused:].contiguous(), cache.v[:, :, :, unused:].contiguous()
-        cache.length -= unused
+        cache.drop_front(unused)
         key_mask = key_mask[:, unused:]
     return cache, key_mask
 

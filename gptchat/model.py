@@ -13,6 +13,7 @@ Parameter names are our own (see `GPT.__init__`); the checkpoint loaders map oth
 from __future__ import annotations
 
 import math
+import mmap
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -106,12 +107,29 @@ def apply_rope(x, cos, sin):
     return x * cos + rotated * sin
 
 
+CACHE_RESERVE_BYTES = 256 * 2**20  # address space a new CPU cache may take ahead of need (see zeros_on_touch)
+
+
+def zeros_on_touch(shape: tuple[int, ...], dtype: torch.dtype, device="cpu") -> torch.Tensor:
+    """A zero tensor whose CPU memory becomes resident only where it is written.
+
+    Its storage is an anonymous memory mapping: the kernel hands out zero pages on first touch, so a KV
+    cache sized for a long context costs the process only the positions it has filled (and nothing reads
+    beyond those), and needs no reallocation, no copy of what it holds, as a conversation grows.
+    torch.zeros writes every page. Other devices: torch.zeros."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if torch.device(device).type != "cpu" or nbytes == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
+
+
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, preallocated and grown by doubling.
 
     `length` counts the positions filled; the model writes new keys at [length, length + T) and then
     `advance(T)`. Setting `length` back (`truncate`) forgets a suffix, which lets a chat reuse the
-    cache for the part of the prompt it shares with the previous turn.
+    cache for the part of the prompt it shares with the previous turn. On the CPU its memory is resident
+    only as far as it is filled (zeros_on_touch), so `GPT.new_cache` reserves room generously.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, capacity: int, dtype=torch.float32, device="cpu"):
@@ -121,11 +139,11 @@ class KVCache:
         self.length = 0
         self._alloc(min(capacity, config.max_seq_len))
 
-    def _alloc(self, capacity: int):
+    def _alloc(self, capacity: int, batch_size: int | None = None):
         c = self.config
-        shape = (c.n_layer, self.batch_size, c.n_kv_head, capacity, c.head_dim)
-        self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        shape = (c.n_layer, batch_size or self.batch_size, c.n_kv_head, capacity, c.head_dim)
+        self.k = zeros_on_touch(shape, self.dtype, self.device)
+        self.v = zeros_on_touch(shape, self.dtype, self.device)
 
     @property
     def capacity(self) -> int:
@@ -137,10 +155,18 @@ class KVCache:
             raise ValueError(f"{total} positions exceed the context length {self.config.max_seq_len}")
         if total <= self.capacity:
             return
+        self._move(min(max(total, 2 * self.capacity), self.config.max_seq_len))
+
+    def _move(self, capacity: int, rows: list[int] | None = None, first: int = 0):
+        """New tensors of `capacity` positions holding rows `rows` (all by default) of the filled positions
+        from `first` on: only what is filled is copied, so untouched memory stays untouched."""
         old_k, old_v, n = self.k, self.v, self.length
-        self._alloc(min(max(total, 2 * self.capacity), self.config.max_seq_len))
-        self.k[:, :, :, :n] = old_k[:, :, :, :n]
-        self.v[:, :, :, :n] = old_v[:, :, :, :n]
+        rows = list(range(self.batch_size)) if rows is None else rows
+        self._alloc(capacity, len(rows))
+        every = rows == list(range(old_k.shape[1]))
+        for new, old in ((self.k, old_k), (self.v, old_v)):
+            new[:, :, :, : n - first] = old[:, :, :, first:n] if every else old[:, rows, :, first:n]
+        self.batch_size, self.length = len(rows), n - first
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store this step's keys/values for `layer` (converted to the cache's dtype); return all keys/values so
@@ -166,10 +192,11 @@ class KVCache:
 
     def select(self, rows: list[int]):
         """Keep only these batch rows (finished sequences leave the batch)."""
-        index = torch.tensor(rows, device=self.device)
-        self.k = self.k.index_select(1, index)
-        self.v = self.v.index_select(1, index)
-        self.batch_size = len(rows)
+        self._move(self.capacity, rows)
+
+    def drop_front(self, n: int):
+        """Forget the first n positions of every row (padding no row uses any more); later ones move up."""
+        self._move(self.capacity - n, first=n)
 
 
 class Attention(nn.Module):
@@ -385,8 +412,15 @@ class GPT(nn.Module):
         return self.head(self.norm(x))
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
-        """An empty KV cache for this model, in the dtype its decoding reads (cache_dtype)."""
-        return KVCache(self.config, batch_size, capacity, dtype=self.cache_dtype())
+        """An empty KV cache for this model with room for at least `capacity` positions, in the dtype its
+        decoding reads (cache_dtype). On the CPU, where a cache's untouched memory costs nothing, it
+        reserves as many positions as CACHE_RESERVE_BYTES of address space hold (up to the context), so
+        that a growing conversation seldom reallocates it."""
+        c, dtype = self.config, self.cache_dtype()
+        if self.norm.weight.device.type == "cpu":
+            per_position = 2 * c.n_layer * batch_size * c.n_kv_head * c.head_dim * dtype.itemsize
+            capacity = max(capacity, CACHE_RESERVE_BYTES // per_position)
+        return KVCache(c, batch_size, capacity, dtype=dtype)
 
     def cache_dtype(self) -> torch.dtype:
         """float16 for a quantized model whose decode attention runs on gptchat's kernel (on the CPU), as

@@ -43,7 +43,7 @@ def test_compiled_equals_eager(tiny_llama_dir, quant, monkeypatch):
     assert len(calls) >= len(eager.token_ids) - 1
     monkeypatch.undo()
     # the logits themselves stay close to eager ones (fused float32 loops add in another order)
-    cache_a, cache_b = lm.model.new_cache(1, 8), lm.model.new_cache(1, 8)
+    cache_a, cache_b = (gptchat.model.KVCache(lm.config, 1, 8, dtype=lm.model.cache_dtype()) for _ in range(2))
     with torch.inference_mode():
         lm.model(torch.tensor([PROMPT]), cache=cache_a)
         lm.model(torch.tensor([PROMPT]), cache=cache_b)

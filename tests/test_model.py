@@ -1,5 +1,7 @@
 """The GPT against transformers on the same weights, the KV cache, batching, native checkpoints, int8."""
 
+import os
+
 import pytest
 import torch
 
@@ -93,6 +95,43 @@ def test_cache_continuation_with_several_tokens(tiny_llama_dir):
     with torch.no_grad():
         parts = [lm.model(ids[:, a:b], cache=cache) for a, b in ((0, 13), (13, 30), (30, 40))]
         assert (torch.cat(parts, 1) - lm.model(ids)).abs().max() < 1e-4
+
+
+def test_cache_rows_and_front_moves_keep_what_is_filled(tiny_llama_dir):
+    """select (rows leave a batch) and drop_front (padding no row needs) move the filled positions only."""
+    lm = gptchat.load_model(tiny_llama_dir[0])
+    cache = KVCache(lm.config, 3, 16)
+    keys = torch.randn(lm.config.n_layer, 3, lm.config.n_kv_head, 10, lm.config.head_dim)
+    cache.k[:, :, :, :10], cache.v[:, :, :, :10] = keys, -keys
+    cache.advance(10)
+    cache.select([2, 0])
+    assert (cache.batch_size, cache.length, cache.capacity) == (2, 10, 16)
+    assert torch.equal(cache.k[:, :, :, :10], keys[:, [2, 0]]) and torch.equal(cache.v[:, :, :, :10], -keys[:, [2, 0]])
+    cache.drop_front(4)
+    assert (cache.length, cache.capacity) == (6, 12)
+    assert torch.equal(cache.k[:, :, :, :6], keys[:, [2, 0], :, 4:])
+    assert not cache.k[:, :, :, 6:].any()  # beyond the filled positions: zeros, as a new cache
+    cache.reserve(20)
+    assert cache.capacity == 24 and torch.equal(cache.v[:, :, :, :6], -keys[:, [2, 0], :, 4:])
+
+
+def resident_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux's /proc")
+def test_cache_memory_is_resident_only_where_filled():
+    """A cache reserved for a long context costs only the positions written: 2 x 128 MiB reserved here, of
+    which 1/64 is filled."""
+    config = GPTConfig(n_layer=4, n_head=4, n_kv_head=4, n_embd=256, max_seq_len=8192)
+    before = resident_mib()
+    cache = KVCache(config, 4, 8192)
+    assert cache.k.numel() * cache.k.element_size() == 128 * 2**20
+    cache.k[:, :, :, :128] = 1.0
+    cache.v[:, :, :, :128] = 1.0
+    assert resident_mib() - before < 16
+    assert not cache.k[:, :, :, 128:].any()  # the rest reads as zeros (reading maps it in, on some kernels)
 
 
 @pytest.mark.parametrize("which", ["tiny_gpt2_dir", "tiny_llama_dir"])
