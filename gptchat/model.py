@@ -77,6 +77,16 @@ def activation_fn(name: str):
     raise ValueError(f"unknown activation {name!r}")
 
 
+def fused_ops(x: torch.Tensor):
+    """gptchat's kernel ops for the small ops between matmuls (rms_norm, silu_mul, rope: one pass each, see
+    kernels/elementwise.cpp) where this process has loaded them and they apply: on the CPU, in inference.
+    Not while compiling (inductor fuses PyTorch's ops itself; ours would be calls it cannot fuse) nor where
+    gradients flow (they have no backward). Else None: PyTorch's ops."""
+    if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+        return None
+    return kernels.loaded()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -84,6 +94,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == self.weight.dtype == torch.float32 and (ops := fused_ops(x)) is not None:
+            return ops.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
@@ -102,6 +114,8 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
 
 
 def apply_rope(x, cos, sin):
+    if x.dtype in (torch.float32, torch.bfloat16) and cos.dtype == torch.float32 and (ops := fused_ops(x)) is not None:
+        return ops.rope(x, cos, sin)  # the same float32 operations as below, in one pass
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -309,7 +323,10 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.gated:
-            gate, up = self.w_gate_up(x).chunk(2, dim=-1)
+            gate_up = self.w_gate_up(x)
+            if self.act is F.silu and gate_up.dtype in (torch.float32, torch.bfloat16) and (ops := fused_ops(x)):
+                return self.w_down(ops.silu_mul(gate_up))
+            gate, up = gate_up.chunk(2, dim=-1)
             return self.w_down(self.act(gate) * up)
         return self.w_down(self.act(self.w_up(x)))
 
@@ -340,6 +357,7 @@ class GPT(nn.Module):
         self.norm = make_norm(c)
         if not c.tie_embeddings:
             self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        self._kernels_prepared = False  # see prepare_kernels
         if not self.tok_emb.weight.is_meta:  # on the meta device the loader assigns real weights instead
             self.init_weights()
 
@@ -388,6 +406,8 @@ class GPT(nn.Module):
         key_mask: [B, S] bool, False for padding keys, S = cached + T (batches of unequal prompts).
         last_only: compute logits for the last position only (what generation needs; saves the head).
         """
+        if not getattr(self, "_kernels_prepared", False) and not torch.compiler.is_compiling():
+            self.prepare_kernels()
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.max_seq_len:
@@ -410,6 +430,15 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.head(self.norm(x))
+
+    def prepare_kernels(self):
+        """Quantized layers into gptchat's kernel layout, which loads the kernels, before the first forward (as
+        an Engine does when it is made): else the first call's first norm would run before any kernel is
+        loaded, as PyTorch's ops (fused_ops), and the first call would differ from later ones in the last bits."""
+        from .quantize import use_kernel_layout
+
+        use_kernel_layout(self)
+        self._kernels_prepared = True
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
         """An empty KV cache for this model with room for at least `capacity` positions, in the dtype its

@@ -417,6 +417,87 @@ def test_prompt_attention_in_the_model(ops, tiny_llama_dir, precision):
     assert (logits["ours"] - logits["pytorch"]).abs().max() < tolerance * logits["pytorch"].abs().max()
 
 
+def rope_reference(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+@pytest.mark.parametrize("width", [576, 37])  # SmolLM2's, and one with a tail past the 8-wide vectors
+def test_elementwise_ops_equal_pytorch(ops, width):
+    """rms_norm as F.rms_norm (the squares summed in another order), rope bit for bit as the model's own
+    float32 operations (q and k heads viewed inside the fused qkv output, float32 or bfloat16), silu_mul as
+    silu(gate) * up: float32 to rounding, bfloat16 rounded once (no further from float32 than PyTorch's ops)."""
+    import torch.nn.functional as F
+
+    from gptchat.model import rope_cos_sin
+
+    g = torch.Generator().manual_seed(0)
+    x, weight = 3 * torch.randn(2, 9, width, generator=g), torch.randn(width, generator=g)
+    reference = F.rms_norm(x, (width,), weight, 1e-5)
+    assert (ops.rms_norm(x, weight, 1e-5) - reference).abs().max() < 1e-6 * reference.abs().max()
+    assert (ops.rms_norm(x[:, ::2], weight, 1e-5) - reference[:, ::2]).abs().max() < 1e-6 * reference.abs().max()
+
+    head_dim = 2 * (width // 4)  # 288 or 18 (halves of 144 and 9: vectors and a tail)
+    qkv = torch.randn(2, 9, 5, head_dim, generator=g)
+    qk = qkv.split((4, 1), dim=2)[0]  # a view: rows are 5 heads apart
+    for positions in (torch.arange(3, 12).expand(2, 9), torch.arange(9)[None]):
+        cos, sin = rope_cos_sin(positions, head_dim, 10000.0)
+        for dtype in (torch.float32, torch.bfloat16):
+            assert torch.equal(ops.rope(qk.to(dtype), cos, sin), rope_reference(qk.to(dtype), cos, sin))
+
+    gate_up = 4 * torch.randn(3, 7, 2 * width, generator=g)
+    gate, up = gate_up.chunk(2, dim=-1)
+    exact = F.silu(gate.double()) * up.double()
+    assert (ops.silu_mul(gate_up) - exact).abs().max() < 1e-6 * exact.abs().max()
+    half_gate, half_up = gate_up.bfloat16().chunk(2, dim=-1)
+    exact = F.silu(half_gate.double()) * half_up.double()
+    ours = (ops.silu_mul(gate_up.bfloat16()).double() - exact).abs().max()
+    assert ours <= (F.silu(half_gate) * half_up - exact).abs().max() and ours <= 2**-8 * exact.abs().max()
+
+
+def test_elementwise_ops_bad_inputs(ops):
+    with pytest.raises(RuntimeError, match="weight has 3 values for rows of 4"):
+        ops.rms_norm(torch.zeros(2, 4), torch.zeros(3), 1e-5)
+    with pytest.raises(RuntimeError, match="float32 CPU tensors"):
+        ops.rms_norm(torch.zeros(2, 4).double(), torch.zeros(4), 1e-5)
+    with pytest.raises(RuntimeError, match="an even last dimension"):
+        ops.silu_mul(torch.zeros(2, 5))
+    with pytest.raises(RuntimeError, match=r"cos and sin \[B or 1, T, 1, D\]"):
+        ops.rope(torch.zeros(1, 3, 2, 8), torch.zeros(1, 4, 1, 8), torch.zeros(1, 4, 1, 8))
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_elementwise_ops_in_the_model(ops, tiny_llama_dir, precision):
+    """A quantized model's prompt and decoded tokens go through rms_norm, rope and silu_mul, from its very first
+    call, and give the logits of PyTorch's ops; training (gradients) keeps PyTorch's ops."""
+    import gptchat
+    from gptchat.model import fused_ops
+
+    lm = gptchat.load_model(tiny_llama_dir[0], quant="int8")
+    assert fused_ops(torch.zeros(2, 3, requires_grad=True)) is None
+    with torch.no_grad():
+        assert fused_ops(torch.zeros(2, 3, requires_grad=True)) is ops
+    calls, logits = [], {}
+    for name in ("ours", "pytorch"):
+        with pytest.MonkeyPatch.context() as mp:
+            if name == "pytorch":
+                mp.setattr(kernels, "loaded", lambda: None)
+            else:
+                for op in ("rms_norm", "rope", "silu_mul"):
+                    real = getattr(ops, op)
+                    mp.setattr(ops, op, lambda *a, real=real, op=op: calls.append(op) or real(*a), raising=False)
+            cache = lm.model.new_cache(1, 64)
+            with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bfloat16"):
+                first = lm.model(torch.tensor([[5, 6, 7, 8, 9, 10, 11]]), cache=cache)
+                second = lm.model(torch.tensor([[12]]), cache=cache)
+            logits[name] = torch.cat([first, second], dim=1).float()
+    layers = lm.config.n_layer
+    assert sorted(set(calls)) == ["rms_norm", "rope", "silu_mul"]
+    assert calls.count("rms_norm") == 2 * (2 * layers + 1) and calls.count("rope") == calls.count("silu_mul") == 2 * layers
+    tolerance = 1e-4 if precision == "float32" else 2e-2
+    assert (logits["ours"] - logits["pytorch"]).abs().max() < tolerance * logits["pytorch"].abs().max()
+
+
 def test_released_file_pages_read_back_and_anonymous_memory_is_kept(tmp_path):
     """After conversion a layer releases its portable tensors' pages when they are mapped from a checkpoint
     file: read again they come back from the file; tensors in anonymous memory are never touched."""

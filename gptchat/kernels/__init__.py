@@ -1,7 +1,8 @@
 """gptchat's own CPU kernels: quantized matmuls (decoding, batches and prompts) and the attention of a
 decoded token over its cache (quant_matmul.cpp), a prompt's causal attention (attention.cpp), and a sampled
 token drawn from a row of logits in one call (sampling.cpp; gptchat/sampling.py uses it whenever the library
-is loaded). simd.h holds the vector helpers they share.
+is loaded), and the small ops between a layer's matmuls, each in one pass (elementwise.cpp: RMSNorm, SwiGLU,
+RoPE). simd.h holds the vector helpers they share.
 
 PyTorch's weight-only int4 kernel converts bfloat16 activations in software on CPUs without avx512_bf16,
 which makes it compute-bound there. This one does what llama.cpp does on AVX2: activations quantized to
@@ -30,7 +31,7 @@ from ..cpu import cpu_flags
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("quant_matmul.cpp", "sampling.cpp", "attention.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("quant_matmul.cpp", "sampling.cpp", "attention.cpp", "elementwise.cpp")]
 HEADERS = [Path(__file__).with_name("simd.h")]
 BLOCK = 32  # columns per quantization block, on both sides of the dot products
 LANES = 16  # weight rows side by side in the kernel's layout (quant_matmul.cpp)
@@ -145,7 +146,7 @@ def disabled() -> bool:
 
 def ops():
     """torch.ops.gptchat (to_lanes, int4_linear, int8_linear, gqa_scores, gqa_mix, lanes_to_bf16, set_vnni, sample_token,
-    prompt_attention), or None: unsupported, failed to build, or GPTCHAT_KERNELS=aten."""
+    prompt_attention, rms_norm, silu_mul, rope), or None: unsupported, failed to build, or GPTCHAT_KERNELS=aten."""
     if disabled():
         return None
     if not _loaded:
