@@ -134,7 +134,8 @@ def zeros_on_touch(shape: tuple[int, ...], dtype: torch.dtype, device="cpu") -> 
     nbytes = math.prod(shape) * dtype.itemsize
     if torch.device(device).type != "cpu" or nbytes == 0:
         return torch.zeros(shape, dtype=dtype, device=device)
-    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
+    private = {"flags": mmap.MAP_PRIVATE} if hasattr(mmap, "MAP_PRIVATE") else {}  # not shared memory (Unix)
+    return torch.frombuffer(mmap.mmap(-1, nbytes, **private), dtype=dtype).view(shape)
 
 
 class KVCache:
