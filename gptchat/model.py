@@ -154,9 +154,9 @@ class KVCache:
         self.length = 0
         self._alloc(min(capacity, config.max_seq_len))
 
-    def _alloc(self, capacity: int, batch_size: int | None = None):
+    def _alloc(self, capacity: int):
         c = self.config
-        shape = (c.n_layer, batch_size or self.batch_size, c.n_kv_head, capacity, c.head_dim)
+        shape = (c.n_layer, self.batch_size, c.n_kv_head, capacity, c.head_dim)
         self.k = zeros_on_touch(shape, self.dtype, self.device)
         self.v = zeros_on_touch(shape, self.dtype, self.device)
 
@@ -176,12 +176,13 @@ class KVCache:
         """New tensors of `capacity` positions holding rows `rows` (all by default) of the filled positions
         from `first` on: only what is filled is copied, so untouched memory stays untouched."""
         old_k, old_v, n = self.k, self.v, self.length
-        rows = list(range(self.batch_size)) if rows is None else rows
-        self._alloc(capacity, len(rows))
-        every = rows == list(range(old_k.shape[1]))
+        if rows is not None:
+            self.batch_size = len(rows)
+        self._alloc(capacity)
         for new, old in ((self.k, old_k), (self.v, old_v)):
-            new[:, :, :, : n - first] = old[:, :, :, first:n] if every else old[:, rows, :, first:n]
-        self.batch_size, self.length = len(rows), n - first
+            kept = old[:, :, :, first:n]
+            new[:, :, :, : n - first] = kept if rows is None else kept[:, rows]
+        self.length = n - first
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store this step's keys/values for `layer` (converted to the cache's dtype); return all keys/values so
@@ -325,7 +326,8 @@ class MLP(nn.Module):
     def forward(self, x):
         if self.gated:
             gate_up = self.w_gate_up(x)
-            if self.act is F.silu and gate_up.dtype in (torch.float32, torch.bfloat16) and (ops := fused_ops(x)):
+            fusable = self.act is F.silu and gate_up.dtype in (torch.float32, torch.bfloat16)
+            if fusable and (ops := fused_ops(gate_up)) is not None:
                 return self.w_down(ops.silu_mul(gate_up))
             gate, up = gate_up.chunk(2, dim=-1)
             return self.w_down(self.act(gate) * up)
