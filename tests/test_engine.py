@@ -1,6 +1,11 @@
 """Generation on the real default model and on tiny ones: greedy answers, streaming, stops, seeds, limits."""
 
+import os
+import subprocess
+import sys
+
 import pytest
+import torch
 
 import gptchat
 from gptchat import ChatSession, Conversation, Engine, SamplingParams, build_prompt
@@ -23,6 +28,41 @@ def prompt_ids(engine, messages=QUESTION):
 
 
 # -- the real default model -----------------------------------------------------------------------
+
+
+GROWTH_SCRIPT = """
+import os, torch, gptchat
+torch.set_num_threads(2)
+def rss(): return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+lm = gptchat.load_model(quant="int4")
+ids = gptchat.Engine(lm).encode(" ".join(f"item {i}," for i in range(300)))
+sizes = []
+for n in range(200, 248, 2):
+    gptchat.Engine(lm).generate(ids[:n], gptchat.SamplingParams(max_new_tokens=1, temperature=0))
+    sizes.append(rss())
+print(sizes[5], sizes[-1], os.environ["LRU_CACHE_CAPACITY"], os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux's /proc")
+def test_prompts_of_new_lengths_leave_memory_where_it_was():
+    """Each bfloat16 prompt of a new length builds oneDNN primitives for its matmul shapes. Their caches are
+    capped (engine.bound_onednn_caches): 18 more prompts of new lengths grew this process by ~60 MiB before,
+    ~5 now. In a fresh process, as the caches read their capacity once; a capacity the user set wins."""
+    from gptchat.engine import prefill_dtype
+
+    if prefill_dtype() != torch.bfloat16:
+        pytest.skip("prompts run in float32 on this CPU (no oneDNN bfloat16 primitives)")
+    env = {k: v for k, v in os.environ.items() if k not in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")}
+    done = subprocess.run([sys.executable, "-c", GROWTH_SCRIPT], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    early, late, lru, onednn = done.stdout.split()
+    assert (lru, onednn) == ("16", "16")
+    assert float(late) - float(early) < 25
+    done = subprocess.run([sys.executable, "-c", GROWTH_SCRIPT.replace("range(200, 248, 2)", "range(200, 212, 2)")],
+                          capture_output=True, text=True, timeout=600, env={**env, "LRU_CACHE_CAPACITY": "99"})
+    assert done.returncode == 0 and done.stdout.split()[2:] == ["99", "16"], done.stderr[-2000:]
 
 
 @pytest.mark.slow
