@@ -25,7 +25,6 @@ from .compiled import CompiledBatchDecoder, CompiledDecoder
 from .cpu import cpu_has_fast_bf16
 from .errors import ContextLengthError
 from .model import KVCache
-from .quantize import use_kernel_layout
 from .sampling import SamplingParams, TokenSampler, sample_batch
 from .streaming import IncrementalDetokenizer, StopStringMatcher
 
@@ -162,7 +161,7 @@ class Engine:
         it is first needed, and decoding falls back to eager if that fails."""
         self.lm = lm
         self.model = lm.model
-        use_kernel_layout(lm.model)  # quantized layers: into gptchat's kernel layout, all at once, on first use
+        lm.model.prepare_kernels()  # quantized layers: into gptchat's kernel layout, all at once, on first use
         self.decoder = CompiledDecoder(lm.model) if compile else None
         self.batch_decoder = CompiledBatchDecoder(lm.model) if compile else None
         self.tokenizer = lm.tokenizer
