@@ -36,8 +36,11 @@ Figures (medians over --repeats; prefill and decode also over --rounds, see belo
                    own subprocess on the fresh cache, so the one-time builds of the kernel and the compiled
                    step are in it) and in later runs (the benchmark subprocess, which finds them cached).
     peak RSS       resource.getrusage(RUSAGE_SELF).ru_maxrss of the engine's own fresh subprocess after
-                   load + one generation (for gptchat a later run: no compiler in the process), and of
-                   gptchat's first-load subprocess (conversion).
+                   load + one generation (for gptchat a later run: no compiler in the process; its start-up
+                   code pages released once loaded and once the first Engine is made, as the CLI does), and
+                   of gptchat's first-load subprocess (conversion). The chat row: a 4-turn conversation
+                   (CHAT_TURNS, replies up to 200 tokens, sampled as above) through `gptchat chat` itself,
+                   and through llama-cpp-python's create_chat_completion; transformers has none.
 
 Each engine runs in its own subprocess (this script re-invokes itself with --_child), so load times and
 RSS are not polluted by other engines. Progress goes to stderr; the Markdown table to stdout. On a shared
@@ -111,6 +114,13 @@ BATCH_PROMPTS = [
 ]
 
 SAMPLED_TEMPERATURE, SAMPLED_TOP_P, SAMPLED_SEED = 0.7, 0.9, 1234  # the sampled decode figure's settings
+CHAT_TURNS = [  # the chat RSS figure's conversation: each reply sees every earlier turn
+    "What is the capital of France?",
+    "Tell me about its history in detail.",
+    "What are the main museums there?",
+    "Write a short poem about it.",
+]
+CHAT_REPLY_TOKENS = 200
 
 ROWS = [  # key, label, unit, better
     ("load_cold_s", "load, first (empty cache)", "s", "lower"),
@@ -125,6 +135,7 @@ ROWS = [  # key, label, unit, better
     ("warmup_cached_s", "first generation, 8 tokens, later runs", "s", "lower"),
     ("rss_gen_mib", "peak RSS after load + generation", "MiB", "lower"),
     ("rss_end_mib", "peak RSS after the whole benchmark", "MiB", "lower"),
+    ("rss_chat_mib", "peak RSS of a 4-turn chat (replies up to 200 tokens)", "MiB", "lower"),
     ("rss_cold_mib", "peak RSS of the first load (conversion)", "MiB", "lower"),
 ]
 
@@ -195,14 +206,16 @@ class Adapter:
 class GptchatAdapter(Adapter):
     def prepare(self):
         import gptchat
+        from gptchat.pages import release_idle_code
 
-        self.gptchat = gptchat
+        self.gptchat, self.release_idle_code = gptchat, release_idle_code
 
     def load(self):
         gptchat = self.gptchat
         quant, _, compiled = self.spec["quant"].partition("+")
         self.compile = compiled == "compile"
         self.lm = gptchat.load_model(self.spec["model"], quant=quant)
+        self.release_idle_code()  # as `gptchat chat` / `generate` / `serve` do once loaded (gptchat.pages)
         self.lm.model.register_forward_pre_hook(self._pre)
         self.lm.model.register_forward_hook(self._post)
         self.eos_ids = sorted(self.lm.tokenizer.eos_ids)
@@ -227,7 +240,11 @@ class GptchatAdapter(Adapter):
                 from gptchat.compiled import CompiledBatchDecoder, CompiledDecoder
 
                 self.decoders = CompiledDecoder(self.lm.model), CompiledBatchDecoder(self.lm.model)
+                self.decoders[0].load()
             engine.decoder, engine.batch_decoder = (self._timed(d) for d in self.decoders)
+        if not getattr(self, "engine_ready", False):  # the first Engine converted the weights: as the CLI does
+            self.engine_ready = True
+            self.release_idle_code()
         return engine
 
     def _timed(self, decoder):
@@ -592,6 +609,39 @@ def child_bench(spec: dict) -> dict:
     return res
 
 
+def child_chat(spec: dict) -> dict:
+    """Peak RSS of a chat of CHAT_TURNS, each reply seeing the earlier turns, sampled as the sampled decode
+    figure is. gptchat: the `gptchat chat` command itself, fed the turns on stdin (its peak is this process's
+    RUSAGE_CHILDREN). llama.cpp: create_chat_completion over the growing message list (llama-cpp-python keeps
+    the conversation's prefix in its KV cache)."""
+    if spec["engine"] == "gptchat":
+        quant, _, compiled = spec["quant"].partition("+")
+        command = [sys.executable, "-m", "gptchat.cli", "chat", "--model", spec["model"], "--quant", quant,
+                   "--compile" if compiled == "compile" else "--no-compile", "--seed", str(SAMPLED_SEED),
+                   "--temperature", str(SAMPLED_TEMPERATURE), "--top-p", str(SAMPLED_TOP_P),
+                   "--max-new-tokens", str(CHAT_REPLY_TOKENS)]
+        proc = subprocess.run(command, input="\n".join(CHAT_TURNS) + "\n", capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"gptchat chat failed: {proc.stderr.strip()[-500:]}")
+        kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        return {"rss_chat_mib": kib / 1024 / (1024 if sys.platform == "darwin" else 1), "reply_chars": len(proc.stdout)}
+    if spec["engine"] != "llama.cpp":
+        raise NotImplementedError(f"no chat figure for {spec['engine']}")
+    child_setup(spec)
+    adapter = LlamaCppAdapter(spec)
+    prepare(adapter)
+    adapter.load()
+    messages, chars = [], 0
+    for turn in CHAT_TURNS:
+        messages.append({"role": "user", "content": turn})
+        reply = adapter.llm.create_chat_completion(messages, max_tokens=CHAT_REPLY_TOKENS, seed=SAMPLED_SEED,
+                                                   temperature=SAMPLED_TEMPERATURE, top_p=SAMPLED_TOP_P)
+        text = reply["choices"][0]["message"]["content"]
+        messages.append({"role": "assistant", "content": text})
+        chars += len(text)
+    return {"rss_chat_mib": peak_rss_mib(), "reply_chars": chars}
+
+
 def child_profile(spec: dict) -> dict:
     """torch.profiler over a few gptchat decode steps (after prefill), through Engine.stream."""
     torch = child_setup(spec)
@@ -627,7 +677,7 @@ def child_main(spec_json: str, out_path: str) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     kind = spec["kind"]
     result = {"load": child_load, "first_run": child_first_run, "bench": child_bench,
-              "profile": child_profile}[kind](spec)
+              "chat": child_chat, "profile": child_profile}[kind](spec)
     Path(out_path).write_text(json.dumps(result))
     return 0
 
@@ -729,6 +779,14 @@ def bench_engine(engine: str, quant: str | None, args, base: dict, tmp_root: Pat
     entry["prompt_lengths"] = res["prompt_lengths"]
     entry["tokens"] = res["tokens"]
     entry["meta"] = res["meta"]
+    if engine in ("gptchat", "llama.cpp"):
+        log(f"[{tag}] a {len(CHAT_TURNS)}-turn chat")
+        res = run_child({**spec, "kind": "chat"}, env, args.child_timeout)
+        if res is None:
+            entry["errors"].append("chat failed")
+        else:
+            samples["rss_chat_mib"] = [res["rss_chat_mib"]]
+            log(f"[{tag}] chat: peak RSS {res['rss_chat_mib']:.0f} MiB, {res['reply_chars']} characters of replies")
     return entry
 
 

@@ -16,6 +16,7 @@ import threading
 
 from . import __version__
 from .errors import GptchatError
+from .pages import release_idle_code
 
 CHAT_HELP = """commands:
   /reset          forget the conversation (the system prompt stays)
@@ -147,6 +148,7 @@ def load(args):
     if lm.info.get("quant", "none") != "none" and kernels.build_pending():
         print("gptchat: compiling the CPU kernel for quantized models (once, about 30 s)...", file=sys.stderr)
         kernels.ops()
+    release_idle_code()  # import torch's and loading's code: run once, not needed again
     return lm
 
 
@@ -161,6 +163,7 @@ def cmd_generate(args) -> int:
     if prompt == "-":  # the newline that ends piped input is not part of the prompt
         prompt = sys.stdin.read().removesuffix("\n") if args.raw else sys.stdin.read().strip()
     engine = Engine(load(args), compile=compile_wanted(args))
+    release_idle_code()  # the weights' conversion's code
     if args.raw:
         ids = engine.encode(prompt)
     else:
@@ -181,6 +184,7 @@ def cmd_chat(args) -> int:
     lm = load(args)
     engine = Engine(lm, compile=compile_wanted(args))
     engine.prepare()  # a first-run compile happens before the first prompt, not after it
+    release_idle_code()  # the weights' conversion's and the compiled step's loading code
     session = ChatSession(engine, Conversation.with_system(args.system), params)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -303,6 +307,7 @@ def cmd_serve(args) -> int:
                      max_concurrency=args.max_concurrency, max_queue=args.max_queue,
                      max_body_bytes=args.max_body_bytes, cors_origins=args.cors_origin, store=store,
                      compile=compile_wanted(args))
+    release_idle_code()  # the weights' conversion's and the compiled steps' loading code
     where = f"http://{args.host}:{args.port}"
     print(f"gptchat: serving {app.state.model_name} at {where}/v1, web chat at {where}/"
           + (" (API key required)" if api_key else ""), file=sys.stderr)

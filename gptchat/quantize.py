@@ -26,9 +26,6 @@ state_dict still gives the portable form.
 
 from __future__ import annotations
 
-import ctypes
-import os
-import sys
 import threading
 
 import torch
@@ -37,6 +34,7 @@ import torch.nn.functional as F
 
 from . import kernels
 from .errors import InvalidParameterError
+from .pages import file_mappings, release_file_pages
 
 QUANT_MODES = ("none", "int8", "int4")
 GROUP_SIZE = 32  # int4 columns sharing a scale and an offset (llama.cpp's Q4_0/Q4_1 blocks are 32 too)
@@ -155,53 +153,6 @@ def lanes_to_portable(weight: torch.Tensor, scale: torch.Tensor, offset: torch.T
 
 
 _to_lanes_lock = threading.Lock()
-MADV_DONTNEED = 4
-
-
-def file_mappings() -> list[tuple[int, int]]:
-    """The address ranges of this process's file-backed memory mappings (Linux; else none)."""
-    ranges = []
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                if " /" in line:
-                    lo, _, hi = line.partition(" ")[0].partition("-")
-                    ranges.append((int(lo, 16), int(hi, 16)))
-    except OSError:
-        pass
-    return ranges
-
-
-_madvise = None
-
-
-def release_file_pages(tensors: list[torch.Tensor], mappings: list[tuple[int, int]] | None = None) -> None:
-    """Give back this process's pages of tensors memory-mapped from a file (a checkpoint loaded by safetensors)
-    that a layer has just replaced by their kernel-layout copy. Read once for the conversion, those pages stay
-    resident, and count in the process's memory, for as long as the file's mapping lives, which is as long
-    as any tensor of the file does. `madvise(MADV_DONTNEED)` drops them; read again, they would come back from
-    the file. Only whole pages inside file-backed mappings (`mappings`: file_mappings(), current) are released,
-    never anonymous memory, which MADV_DONTNEED would zero. Linux only; best effort."""
-    global _madvise
-    if not sys.platform.startswith("linux"):
-        return
-    if _madvise is None:
-        try:
-            _madvise = ctypes.CDLL(None, use_errno=True).madvise
-            _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-        except (OSError, AttributeError):
-            _madvise = False
-    if not _madvise:
-        return
-    mappings = file_mappings() if mappings is None else mappings
-    page = os.sysconf("SC_PAGE_SIZE")
-    for t in tensors:
-        if t.device.type != "cpu" or not t.is_contiguous():
-            continue
-        start = -(-t.data_ptr() // page) * page
-        end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
-        if end > start and any(lo <= start and end <= hi for lo, hi in mappings):
-            _madvise(start, end - start, MADV_DONTNEED)
 
 
 class KernelLayout:

@@ -497,15 +497,3 @@ def test_elementwise_ops_in_the_model(ops, tiny_llama_dir, precision):
     tolerance = 1e-4 if precision == "float32" else 2e-2
     assert (logits["ours"] - logits["pytorch"]).abs().max() < tolerance * logits["pytorch"].abs().max()
 
-
-def test_released_file_pages_read_back_and_anonymous_memory_is_kept(tmp_path):
-    """After conversion a layer releases its portable tensors' pages when they are mapped from a checkpoint
-    file: read again they come back from the file; tensors in anonymous memory are never touched."""
-    from safetensors.torch import load_file, save_file
-
-    big = torch.arange(1 << 20, dtype=torch.int32).to(torch.uint8).view(1024, 1024)
-    save_file({"w": big}, str(tmp_path / "t.safetensors"))
-    mapped = load_file(str(tmp_path / "t.safetensors"))["w"]
-    anonymous = big.clone()
-    quantize.release_file_pages([mapped, anonymous])
-    assert torch.equal(mapped, big) and torch.equal(anonymous, big)
