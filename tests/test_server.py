@@ -253,7 +253,9 @@ def test_error_after_stream_began(tiny_lm, monkeypatch):
 
     monkeypatch.setattr(DecodeBatch, "step", failing_step)
     with serving(create_app(tiny_lm)) as url:
-        r = httpx.post(url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 10, "stream": True})
+        no_end = {str(i): -100 for i in tiny_lm.tokenizer.eos_ids}  # a sampled end of turn would end it before a step
+        r = httpx.post(url + "/v1/chat/completions",
+                       json={"messages": USER, "max_tokens": 10, "stream": True, "logit_bias": no_end})
         events = [line[len("data: "):] for line in r.text.splitlines() if line.startswith("data: ")]
         assert events[-1] == "[DONE]"
         assert '"error"' in events[-2] and "server_error" in events[-2] and "boom" not in events[-2]
