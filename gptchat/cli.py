@@ -16,7 +16,7 @@ import threading
 
 from . import __version__
 from .errors import GptchatError
-from .pages import release_idle_code
+from .pages import release_idle_code, trim_heap
 
 CHAT_HELP = """commands:
   /reset          forget the conversation (the system prompt stays)
@@ -149,6 +149,7 @@ def load(args):
         print("gptchat: compiling the CPU kernel for quantized models (once, about 30 s)...", file=sys.stderr)
         kernels.ops()
     release_idle_code()  # import torch's and loading's code: run once, not needed again
+    trim_heap()  # loading's freed buffers
     return lm
 
 

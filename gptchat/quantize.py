@@ -19,9 +19,10 @@ one scale per row) and `aten._weight_int4pack_mm_for_cpu` (int4 groups; int8 gro
 4-bit halves); more rows (a prompt), and other devices, dequantize the weight to float32 and multiply as
 usual. PyTorch's kernels'
 packed layout depends on the CPU's vector width, so checkpoints store the portable form above and the
-kernel form is derived in memory on first use. gptchat's kernel reads 8 weight rows side by side (its "lanes"
+kernel form is derived in memory on first use. gptchat's kernel reads 16 weight rows side by side (its "lanes"
 layout): a layer converts to it on its first use by the kernel and then holds only that form in memory; its
-state_dict still gives the portable form.
+state_dict still gives the portable form. A model from gptchat's conversion cache keeps its converted layout
+in its cache entry, and later loads map it from there (layout_cache).
 """
 
 from __future__ import annotations
@@ -185,6 +186,20 @@ class KernelLayout:
             self.lanes = True
             release_file_pages(portable, mappings)
 
+    def adopt_lanes(self, parts: dict[str, torch.Tensor], portable_scale_groups: int,
+                    mappings: list[tuple[int, int]] | None = None) -> None:
+        """Hold `parts`, tensors already in the kernel layout (a saved copy: layout_cache), from now on; the
+        portable tensors' pages are given back as `to_lanes` gives them back."""
+        with _to_lanes_lock:
+            if self.lanes:
+                return
+            portable = [getattr(self, name) for name in self.PARTS]
+            for name in self.PARTS:
+                setattr(self, name, parts[name])
+            self.portable_scale_groups = portable_scale_groups
+            self.lanes = True
+            release_file_pages(portable, mappings)
+
     def kernel_ready(self, ops) -> bool:
         """Whether gptchat's kernel (`ops`, None where there is none) serves this layer; if it does, the tensors
         are in its layout (converted now, the first time)."""
@@ -238,14 +253,28 @@ class KernelLayout:
 def use_kernel_layout(model: nn.Module) -> None:
     """Convert every quantized Linear that gptchat's kernel will serve now, rather than each on its first use:
     when an Engine is made (a model's first use), and before a compiled step is exported or handed the model's
-    tensors, which must be those the kernel reads. A model with nothing to convert never builds the kernel."""
-    todo = [m for m in model.modules() if isinstance(m, KernelLayout) and not m.lanes and m.kernel_serves()
-            and m.lanes_fit()]
+    tensors, which must be those the kernel reads. A model with nothing to convert never builds the kernel.
+    A model from gptchat's conversion cache (`kernel_layout_dir`, set by the loader) takes the layout saved in
+    its cache entry instead, and saves it there after converting (layout_cache)."""
+    todo = {name: m for name, m in model.named_modules() if isinstance(m, KernelLayout) and not m.lanes
+            and m.kernel_serves() and m.weight.device.type == "cpu"}
     if not todo or (ops := kernels.ops()) is None:
         return
+    saved_in = getattr(model, "kernel_layout_dir", None)
+    if saved_in is not None:
+        from . import layout_cache
+
+        for name in layout_cache.adopt(todo, saved_in):
+            del todo[name]
+    todo = {name: m for name, m in todo.items() if m.lanes_fit()}
+    if not todo:
+        return
     mappings = file_mappings()  # stays valid throughout: the loop maps no file and unmaps none
-    for m in todo:
+    for m in todo.values():
         m.to_lanes(ops, mappings)
+    if saved_in is not None:
+        layout_cache.save({name: m for name, m in model.named_modules() if isinstance(m, KernelLayout) and m.lanes},
+                          saved_in)
 
 
 def few_rows(x: torch.Tensor, in_features: int) -> bool:

@@ -103,3 +103,30 @@ def test_torch_code_pages_are_released_and_torch_still_runs():
     assert result["dropped"] > result["released"] // 2
     assert result["same"]
     assert result["again"] < result["released"] // 4  # what came back is only the code run since
+
+
+def heap_kib() -> int:
+    """Resident KiB of this process's C heap (the brk area, where glibc's malloc puts small blocks)."""
+    return resident_kib("[heap]")
+
+
+@linux_only
+def test_trim_heap_gives_back_freed_heap_memory():
+    """Blocks freed in the middle of the heap stay resident (glibc keeps them for reuse) until trim_heap."""
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "malloc_trim"):
+        pytest.skip("not glibc")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+    libc.free.argtypes = (ctypes.c_void_p,)
+    blocks = [libc.malloc(64 * 1024) for _ in range(1024)]  # 64 MiB of heap blocks (below mmap's threshold)
+    assert all(blocks)
+    for b in blocks:
+        ctypes.memset(b, 1, 64 * 1024)
+    keep = libc.malloc(64 * 1024)  # above them: freeing them does not shrink the heap from its top
+    for b in blocks:
+        libc.free(b)
+    before = heap_kib()
+    assert pages.trim_heap()
+    after = heap_kib()
+    libc.free(keep)
+    assert before - after > 48 * 1024, (before, after)

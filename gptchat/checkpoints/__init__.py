@@ -137,7 +137,9 @@ def load_gguf_cached(path: Path, quant: str, use_cache: bool) -> tuple[GPT, "Tok
     if is_native(target):
         try:
             config, state, tokenizer, info = load_native(target)
-            return build_model(config, state, str(path), quant), tokenizer, info
+            model = build_model(config, state, str(path), quant)
+            model.kernel_layout_dir = target  # the kernel layout is saved there too (layout_cache)
+            return model, tokenizer, info
         except ModelLoadError:
             shutil.rmtree(target, ignore_errors=True)  # a damaged entry: convert again
     config, state, tokenizer, info = load_gguf(str(path), quant)
@@ -148,6 +150,7 @@ def load_gguf_cached(path: Path, quant: str, use_cache: bool) -> tuple[GPT, "Tok
             if not stale.name.startswith((version, ".")):
                 shutil.rmtree(stale, ignore_errors=True)
         save_native(target, config, model.state_dict(), tokenizer, info)
+        model.kernel_layout_dir = target
     except OSError as e:
         warnings.warn(f"could not write the model cache at {target}: {e}")
     return model, tokenizer, info
