@@ -65,6 +65,8 @@ def adopt(layers: dict[str, object], directory: Path) -> list[str]:
         tensors = load_file(str(path))
     except Exception:  # unreadable or damaged: converted again, and saved again
         return []
+    if not isinstance(scale_groups, dict):
+        return []
     found = {}
     for name, layer in layers.items():
         if name not in scale_groups:

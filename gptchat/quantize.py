@@ -258,17 +258,18 @@ def use_kernel_layout(model: nn.Module) -> None:
     its cache entry instead, and saves it there after converting (layout_cache)."""
     todo = {name: m for name, m in model.named_modules() if isinstance(m, KernelLayout) and not m.lanes
             and m.kernel_serves() and m.weight.device.type == "cpu"}
+    saved_in = getattr(model, "kernel_layout_dir", None)
+    if saved_in is None:  # (with a saved layout, only the layers it lacks are checked: that reads their scales)
+        todo = {name: m for name, m in todo.items() if m.lanes_fit()}
     if not todo or (ops := kernels.ops()) is None:
         return
-    saved_in = getattr(model, "kernel_layout_dir", None)
     if saved_in is not None:
         from . import layout_cache
 
-        for name in layout_cache.adopt(todo, saved_in):
-            del todo[name]
-    todo = {name: m for name, m in todo.items() if m.lanes_fit()}
-    if not todo:
-        return
+        adopted = set(layout_cache.adopt(todo, saved_in))
+        todo = {name: m for name, m in todo.items() if name not in adopted and m.lanes_fit()}
+        if not todo:
+            return
     mappings = file_mappings()  # stays valid throughout: the loop maps no file and unmaps none
     for m in todo.values():
         m.to_lanes(ops, mappings)
