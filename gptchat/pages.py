@@ -16,6 +16,7 @@ cost of a page fault. Linux only; elsewhere, and if anything fails, these do not
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import re
 import sys
@@ -25,22 +26,25 @@ if TYPE_CHECKING:
     import torch
 
 MADV_DONTNEED = 4
-_madvise = None
-_malloc_trim = None
+
+
+@functools.cache
+def _libc_function(name: str, *argtypes):
+    """libc's function `name` taking `argtypes` (returning int), or None where it cannot be had (not Linux, or
+    not in this libc: musl has no malloc_trim)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+    function.argtypes, function.restype = argtypes, ctypes.c_int
+    return function
 
 
 def _madvise_call():
     """libc's madvise, or None where it cannot be had (not Linux)."""
-    global _madvise
-    if _madvise is None:
-        _madvise = False
-        if sys.platform.startswith("linux"):
-            try:
-                _madvise = ctypes.CDLL(None, use_errno=True).madvise
-                _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-            except (OSError, AttributeError):
-                pass
-    return _madvise or None
+    return _libc_function("madvise", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
 def file_mappings() -> list[tuple[int, int]]:
@@ -119,13 +123,5 @@ def trim_heap() -> bool:
     """Give the C heap's free memory back to the kernel (glibc's malloc_trim); whether any was. Loading
     frees ~15 MiB of parse buffers (the tokenizer's, the checkpoint header's) that the allocator keeps for
     reuse; nothing reuses them once the weights are memory-mapped. Elsewhere than glibc, nothing."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        _malloc_trim = False
-        if sys.platform.startswith("linux"):
-            try:
-                _malloc_trim = ctypes.CDLL(None).malloc_trim
-                _malloc_trim.argtypes, _malloc_trim.restype = (ctypes.c_size_t,), ctypes.c_int
-            except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-                pass
-    return bool(_malloc_trim and _malloc_trim(0))
+    malloc_trim = _libc_function("malloc_trim", ctypes.c_size_t)
+    return bool(malloc_trim and malloc_trim(0))

@@ -105,11 +105,6 @@ def test_torch_code_pages_are_released_and_torch_still_runs():
     assert result["again"] < result["released"] // 4  # what came back is only the code run since
 
 
-def heap_kib() -> int:
-    """Resident KiB of this process's C heap (the brk area, where glibc's malloc puts small blocks)."""
-    return resident_kib("[heap]")
-
-
 @linux_only
 def test_trim_heap_gives_back_freed_heap_memory():
     """Blocks freed in the middle of the heap stay resident (glibc keeps them for reuse) until trim_heap."""
@@ -125,8 +120,8 @@ def test_trim_heap_gives_back_freed_heap_memory():
     keep = libc.malloc(64 * 1024)  # above them: freeing them does not shrink the heap from its top
     for b in blocks:
         libc.free(b)
-    before = heap_kib()
+    before = resident_kib("[heap]")  # the brk area, where glibc's malloc puts small blocks
     assert pages.trim_heap()
-    after = heap_kib()
+    after = resident_kib("[heap]")
     libc.free(keep)
     assert before - after > 48 * 1024, (before, after)
