@@ -121,7 +121,7 @@ def release_idle_code() -> int:
 
 def trim_heap() -> bool:
     """Give the C heap's free memory back to the kernel (glibc's malloc_trim); whether any was. Loading
-    frees ~15 MiB of parse buffers (the tokenizer's, the checkpoint header's) that the allocator keeps for
-    reuse; nothing reuses them once the weights are memory-mapped. Elsewhere than glibc, nothing."""
+    SmolLM2 leaves ~15 MiB of the heap freed but resident, kept by the allocator for reuse; converted weights
+    used to reuse it, memory-mapped ones do not. Elsewhere than glibc, nothing."""
     malloc_trim = _libc_function("malloc_trim", ctypes.c_size_t)
     return bool(malloc_trim and malloc_trim(0))
