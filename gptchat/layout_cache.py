@@ -29,8 +29,7 @@ FORMAT = "gptchat-kernel-layout"
 
 def layout_file(directory: Path) -> Path:
     """Where a cache entry's kernel layout lives, for the kernel this process would build or load."""
-    key = kernels.build_target()[1].name
-    return Path(directory) / f"{PREFIX}{key}.safetensors"
+    return Path(directory) / f"{PREFIX}{kernels.build_key()}.safetensors"
 
 
 def expected_shapes(layer) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

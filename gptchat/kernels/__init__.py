@@ -18,6 +18,7 @@ GPTCHAT_KERNELS=aten.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -48,12 +49,19 @@ def cpu_supported() -> bool:
     return {"avx2", "fma", "f16c"} <= cpu_flags()
 
 
+@functools.cache
+def build_key() -> str:
+    """The hash of the source, the flags and the torch version: it names the build, and the kernel layouts
+    saved for it (layout_cache). Read once a process: a start asks for it several times."""
+    code = b"".join(source.read_bytes() for source in SOURCES + HEADERS)
+    return hashlib.sha256(code + " ".join(CFLAGS).encode() + torch.__version__.encode()).hexdigest()[:16]
+
+
 def build_target() -> tuple[str, Path]:
-    """(library name, build folder): cache/kernels/<hash of the source, the flags and the torch version>."""
+    """(library name, build folder): cache/kernels/<build_key>."""
     from ..checkpoints import cache_root
 
-    code = b"".join(source.read_bytes() for source in SOURCES + HEADERS)
-    key = hashlib.sha256(code + " ".join(CFLAGS).encode() + torch.__version__.encode()).hexdigest()[:16]
+    key = build_key()
     return f"gptchat_quant_matmul_{key}", cache_root() / "kernels" / key
 
 
