@@ -50,18 +50,17 @@ def adopt(layers: dict[str, object], directory: Path) -> list[str]:
     entry's saved kernel layout, memory-mapped. Returns the names adopted: none where there is no file, or
     where anything in it does not match what converting these layers would give."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     path = layout_file(directory)
     if not path.is_file():
         return []
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:  # the tensors are views of the file's mapping
             meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            return []
-        scale_groups = json.loads(meta["scale_groups"])
-        tensors = load_file(str(path))
+            if meta.get("format") != FORMAT:
+                return []
+            scale_groups = json.loads(meta["scale_groups"])
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
     except Exception:  # unreadable or damaged: converted again, and saved again
         return []
     if not isinstance(scale_groups, dict):

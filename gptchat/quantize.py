@@ -175,28 +175,26 @@ class KernelLayout:
     def to_lanes(self, ops, mappings: list[tuple[int, int]] | None = None) -> None:
         """Hold the tensors in the kernel layout from now on (once; safe against concurrent first calls).
         `mappings`: the process's file mappings, if the caller has just read them (release_file_pages)."""
-        with _to_lanes_lock:
-            if self.lanes:
-                return
-            portable = [getattr(self, name) for name in self.PARTS]
-            converted = ops.to_lanes(*portable, *([None] if len(portable) == 2 else []))
-            self.portable_scale_groups = self.scale.shape[1]
-            for name, t in zip(self.PARTS, converted):
-                setattr(self, name, t)
-            self.lanes = True
-            release_file_pages(portable, mappings)
+        self._switch_to_lanes(lambda portable: (ops.to_lanes(*portable, *([None] if len(portable) == 2 else [])),
+                                                self.scale.shape[1]), mappings)
 
     def adopt_lanes(self, parts: dict[str, torch.Tensor], portable_scale_groups: int,
                     mappings: list[tuple[int, int]] | None = None) -> None:
-        """Hold `parts`, tensors already in the kernel layout (a saved copy: layout_cache), from now on; the
-        portable tensors' pages are given back as `to_lanes` gives them back."""
+        """Hold `parts`, tensors already in the kernel layout (a saved copy: layout_cache), from now on, as
+        `to_lanes` holds the ones it converts."""
+        self._switch_to_lanes(lambda portable: ([parts[name] for name in self.PARTS], portable_scale_groups), mappings)
+
+    def _switch_to_lanes(self, lanes_of, mappings: list[tuple[int, int]] | None) -> None:
+        """The switch to_lanes and adopt_lanes share: once, under the lock; `lanes_of(portable tensors)` gives the
+        kernel layout's tensors and the portable scale's column count; the portable tensors' file pages are
+        given back after."""
         with _to_lanes_lock:
             if self.lanes:
                 return
             portable = [getattr(self, name) for name in self.PARTS]
-            for name in self.PARTS:
-                setattr(self, name, parts[name])
-            self.portable_scale_groups = portable_scale_groups
+            tensors, self.portable_scale_groups = lanes_of(portable)
+            for name, t in zip(self.PARTS, tensors):
+                setattr(self, name, t)
             self.lanes = True
             release_file_pages(portable, mappings)
 
